@@ -1,0 +1,5 @@
+import sys
+
+from forkgw.cli import main
+
+sys.exit(main())

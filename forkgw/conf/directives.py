@@ -1,0 +1,358 @@
+"""The directive table: the one place that says what the conf language accepts.
+
+Each Directive names its contexts, its arity, the parser of its arguments,
+where the parsed value goes in the model, its default, and the text the
+reference documentation is made of.  The conf parser walks statements through
+this table, the defaults of the model are parsed from it, and
+docs/DIRECTIVES.md is rendered from it:
+
+    python -m forkgw.conf.directives > docs/DIRECTIVES.md
+    python -m forkgw.conf.directives --check docs/DIRECTIVES.md
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from forkgw.conf import values as v
+
+MAIN, EVENTS, HTTP, SERVER, LOCATION, UPSTREAM, WASM = (
+    "main", "events", "http", "server", "location", "upstream", "wasm",
+)  # fmt: skip
+CONTEXTS = (MAIN, EVENTS, HTTP, SERVER, LOCATION, UPSTREAM, WASM)
+HSL = (HTTP, SERVER, LOCATION)
+
+# How the parser stores a directive's value in its block:
+SET = "set"  # one value; a second occurrence is `"x" directive is duplicate`
+APPEND = "append"  # every occurrence adds one value, in conf order
+EXTEND = "extend"  # every occurrence adds a list of values (an empty one still counts as "set here")
+INCLUDE = "include"  # statements of other files, read in place
+
+MANY = None  # no upper bound on the argument count
+
+COMBINED_DEFAULT = (
+    "combined '$remote_addr - $remote_user [$time_local] \"$request\" $status $body_bytes_sent "
+    "\"$http_referer\" \"$http_user_agent\"'"
+)
+
+
+@dataclass(frozen=True)
+class Directive:
+    name: str
+    contexts: tuple[str, ...]
+    args: tuple[int, int | None]  # (fewest, most) arguments, nginx's TAKE1/TAKE12/1MORE...
+    parse: Callable[[list[str], v.Ctx], Any]
+    store: str
+    target: str  # the model field the value fills
+    syntax: str  # arguments, as the docs show them
+    default: str | None  # conf text of the default arguments; None: no default
+    description: str
+    example: str
+    block: str | None = None  # the context a block directive opens
+
+    def takes(self, count: int) -> bool:
+        low, high = self.args
+        return count >= low and (high is None or count <= high)
+
+
+def _d(name, contexts, args, parse, store, target, syntax, default, description, example, block=None):
+    return Directive(name, tuple(contexts), args, parse, store, target, syntax, default, description, example, block)
+
+
+DIRECTIVES: tuple[Directive, ...] = (
+    # -- main ------------------------------------------------------------------
+    _d("worker_processes", [MAIN], (1, 1), v.worker_processes_value, SET, "worker_processes",
+       "number | auto", "1",
+       "How many worker processes serve requests; `auto` is one per CPU.",
+       "worker_processes auto;"),
+    _d("worker_cpu_affinity", [MAIN], (1, MANY), v.cpu_affinity_value, SET, "worker_cpu_affinity",
+       "auto [cpumask] | cpumask ...", None,
+       "Binds workers to CPUs: one bit mask per worker, or `auto` to spread them over the CPUs.",
+       "worker_cpu_affinity 0101 1010;"),
+    _d("worker_rlimit_nofile", [MAIN], (1, 1), v.positive_value, SET, "worker_rlimit_nofile",
+       "number", None,
+       "Raises the open-files limit (RLIMIT_NOFILE) of worker processes.",
+       "worker_rlimit_nofile 65535;"),
+    _d("worker_shutdown_timeout", [MAIN], (1, 1), v.time_value, SET, "worker_shutdown_timeout",
+       "time", "30s",
+       "How long a draining worker may finish in-flight requests before it is stopped.",
+       "worker_shutdown_timeout 10s;"),
+    _d("pid", [MAIN], (1, 1), v.path_value, SET, "pid",
+       "file", "logs/forkgw.pid",
+       "File the master writes its process id to; relative paths resolve against the prefix.",
+       "pid /run/forkgw.pid;"),
+    _d("error_log", [MAIN], (1, 2), v.error_log_value, SET, "error_log",
+       "file | stderr [debug | info | notice | warn | error | crit | alert | emerg]", "logs/error.log error",
+       "Where the error log goes and the least severe level written to it.",
+       "error_log stderr info;"),
+    _d("user", [MAIN], (1, 2), v.user_value, SET, "user",
+       "user [group]", None,
+       "User (and group; by default the group named like the user) the workers run as when started as root.",
+       "user www-data;"),
+    _d("include", CONTEXTS, (1, 1), v.nothing, INCLUDE, "",
+       "file | mask", None,
+       "Reads other conf files in place, in the current context. A relative mask resolves against the "
+       "folder of the main conf file; files matching a mask are read in sorted order, and a mask "
+       "matching nothing is not an error.",
+       "include conf.d/*.conf;"),
+    _d("events", [MAIN], (0, 0), v.nothing, SET, "events",
+       "{ ... }", None,
+       "Connection processing settings.",
+       "events { worker_connections 1024; }", block=EVENTS),
+    _d("wasm", [MAIN], (0, 0), v.nothing, SET, "wasm",
+       "{ ... }", None,
+       "Declares the proxy-wasm modules and limits of the wasm virtual machines.",
+       "wasm { module auth plugins/auth; }", block=WASM),
+    _d("http", [MAIN], (0, 0), v.nothing, SET, "http",
+       "{ ... }", None,
+       "The HTTP server: upstreams, servers and their locations.",
+       "http { server { listen 8080; } }", block=HTTP),
+    # -- events ----------------------------------------------------------------
+    _d("worker_connections", [EVENTS], (1, 1), v.positive_value, SET, "worker_connections",
+       "number", "512",
+       "Most simultaneous connections one worker holds (client and upstream together).",
+       "worker_connections 4096;"),
+    _d("use", [EVENTS], (1, 1), v.event_method_value, SET, "event_method",
+       "epoll | poll | select | kqueue", None,
+       "The event notification method; by default the best one the platform has.",
+       "use epoll;"),
+    _d("accept_mutex", [EVENTS], (1, 1), v.flag_value, SET, "accept_mutex",
+       "on | off", "off",
+       "Workers take turns accepting new connections instead of all being woken.",
+       "accept_mutex on;"),
+    _d("multi_accept", [EVENTS], (1, 1), v.flag_value, SET, "multi_accept",
+       "on | off", "off",
+       "A worker accepts every pending connection at once instead of one per wakeup.",
+       "multi_accept on;"),
+    # -- wasm ------------------------------------------------------------------
+    _d("module", [WASM], (2, 4), v.wasm_module_value, APPEND, "modules",
+       "name path [vm_config] [root_id=id]", None,
+       "Declares a proxy-wasm module under a name. `path` is a .wasm file, or a folder holding a "
+       "`plugin.yaml` with the keys `wasm` (the module file, relative to the folder), `root_id`, "
+       "`config` (default filter configuration; a mapping or list is passed as JSON) and `description`.",
+       "module rate_limit plugins/rate_limit root_id=limiter;"),
+    _d("callback_timeout", [WASM], (1, 1), v.time_value, SET, "callback_timeout",
+       "time", "50ms",
+       "Longest time a single filter callback may run before it is interrupted.",
+       "callback_timeout 20ms;"),
+    _d("memory_max", [WASM], (1, 1), v.size_value, SET, "memory_max",
+       "size", "64m",
+       "Largest linear memory one module instance may grow to.",
+       "memory_max 16m;"),
+    # -- http ------------------------------------------------------------------
+    _d("server", [HTTP], (0, 0), v.nothing, APPEND, "servers",
+       "{ ... }", None,
+       "A virtual server: the addresses it listens on, its names and its locations.",
+       "server { listen 8080; server_name example.com; }", block=SERVER),
+    _d("upstream", [HTTP], (1, 1), v.upstream_name_value, APPEND, "upstreams",
+       "name { ... }", None,
+       "A named group of servers `proxy_pass` can send requests to.",
+       "upstream backend { server 127.0.0.1:9000; }", block=UPSTREAM),
+    _d("log_format", [HTTP], (2, MANY), v.log_format_value, APPEND, "log_formats",
+       "name string ...", COMBINED_DEFAULT,
+       "Names an access log line format; the strings are joined. `combined` is always defined "
+       "(as shown under Default) and cannot be redefined.",
+       "log_format brief '$remote_addr $status $request_time';"),
+    _d("wasm_vm", [HTTP], (1, 1), v.wasm_vm_value, SET, "wasm_vm",
+       "wasmtime", "wasmtime",
+       "The wasm runtime that runs filters.",
+       "wasm_vm wasmtime;"),
+    _d("access_log", HSL, (1, 2), v.access_log_value, EXTEND, "access_log",
+       "path [format] | off", "logs/access.log combined",
+       "Writes one line per request to `path` in the named `log_format`. Repeatable; a level that "
+       "declares none inherits all of the enclosing level's.",
+       "access_log logs/api.log brief;"),
+    _d("keepalive_timeout", HSL, (1, 1), v.time_value, SET, "keepalive_timeout",
+       "time", "75s",
+       "How long an idle client keep-alive connection stays open; 0 disables keep-alive.",
+       "keepalive_timeout 30s;"),
+    _d("keepalive_requests", HSL, (1, 1), v.positive_value, SET, "keepalive_requests",
+       "number", "1000",
+       "Most requests served over one client connection.",
+       "keepalive_requests 100;"),
+    _d("client_header_timeout", (HTTP, SERVER), (1, 1), v.time_value, SET, "client_header_timeout",
+       "time", "60s",
+       "How long the client may take to send the request head.",
+       "client_header_timeout 10s;"),
+    _d("client_body_timeout", HSL, (1, 1), v.time_value, SET, "client_body_timeout",
+       "time", "60s",
+       "Longest pause between two reads of the request body.",
+       "client_body_timeout 10s;"),
+    _d("send_timeout", HSL, (1, 1), v.time_value, SET, "send_timeout",
+       "time", "60s",
+       "Longest pause between two writes of the response to the client.",
+       "send_timeout 10s;"),
+    _d("client_max_body_size", HSL, (1, 1), v.size_value, SET, "client_max_body_size",
+       "size", "1m",
+       "Largest request body accepted (413 beyond it); 0 means no limit.",
+       "client_max_body_size 10m;"),
+    _d("large_client_header_buffers", (HTTP, SERVER), (2, 2), v.large_buffers_value, SET,
+       "large_client_header_buffers",
+       "number size", "4 8k",
+       "Limits the request head: a request line longer than `size` is answered 414, a head larger "
+       "than `number * size` is refused.",
+       "large_client_header_buffers 8 16k;"),
+    _d("server_tokens", HSL, (1, 1), v.flag_value, SET, "server_tokens",
+       "on | off", "on",
+       "Whether the `Server` header and error pages name the forkgw version.",
+       "server_tokens off;"),
+    _d("proxy_set_header", HSL, (2, 2), v.header_pair_value, APPEND, "proxy_set_header",
+       "field value", None,
+       "Sets a header of the request sent upstream; an empty value removes it. Repeatable; a level "
+       "that declares none inherits all of the enclosing level's.",
+       "proxy_set_header X-Real-IP $remote_addr;"),
+    _d("proxy_connect_timeout", HSL, (1, 1), v.time_value, SET, "proxy_connect_timeout",
+       "time", "60s",
+       "How long connecting to an upstream server may take.",
+       "proxy_connect_timeout 2s;"),
+    _d("proxy_read_timeout", HSL, (1, 1), v.time_value, SET, "proxy_read_timeout",
+       "time", "60s",
+       "Longest pause between two reads from the upstream server.",
+       "proxy_read_timeout 30s;"),
+    _d("proxy_send_timeout", HSL, (1, 1), v.time_value, SET, "proxy_send_timeout",
+       "time", "60s",
+       "Longest pause between two writes to the upstream server.",
+       "proxy_send_timeout 30s;"),
+    _d("proxy_next_upstream", HSL, (1, MANY), v.next_upstream_value, SET, "proxy_next_upstream",
+       "error | timeout | invalid_header | http_500 | http_502 | http_503 | http_504 | http_403 | "
+       "http_404 | http_429 | non_idempotent | off ...", "error timeout",
+       "When a request is passed to the next upstream server; requests with a non-idempotent "
+       "method only with `non_idempotent`. `off` never retries.",
+       "proxy_next_upstream error timeout http_502;"),
+    _d("add_header", HSL, (2, 3), v.add_header_value, APPEND, "add_header",
+       "name value [always]", None,
+       "Adds a header to responses with status 200, 201, 204, 206, 301, 302, 303, 304, 307 or "
+       "308, or to every response with `always`. Repeatable; a level that declares none inherits "
+       "all of the enclosing level's.",
+       "add_header X-Frame-Options DENY always;"),
+    _d("proxy_wasm", HSL, (1, 5), v.proxy_wasm_value, APPEND, "filters",
+       "name [config] [root_id=id] [on_error=fail|continue] [file=path]", None,
+       "Adds a filter of the wasm module `name` to the chain, in order. The configuration is "
+       "`config`, or the content of the YAML file `file=` as JSON, or else the module's default. "
+       "With `on_error=continue` a failing filter lets the request through instead of answering "
+       "500. A level that declares none inherits the enclosing level's chain.",
+       "proxy_wasm auth '{\"realm\": \"api\"}' on_error=continue;"),
+    # -- upstream --------------------------------------------------------------
+    _d("server", [UPSTREAM], (1, MANY), v.upstream_server_value, APPEND, "servers",
+       "address[:port] [weight=number] [max_fails=number] [fail_timeout=time] [backup]", None,
+       "A server of the upstream group (port 80 when omitted). After `max_fails` failures within "
+       "`fail_timeout` it rests for `fail_timeout`; `backup` servers get requests only when all "
+       "others are down.",
+       "server 10.0.0.2:8080 weight=3 max_fails=2 fail_timeout=5s;"),
+    _d("keepalive", [UPSTREAM], (1, 1), v.count_value, SET, "keepalive",
+       "connections", None,
+       "Idle connections to the group's servers each worker keeps for reuse; 0 closes each after its request.",
+       "keepalive 32;"),
+    # -- server and location ---------------------------------------------------
+    _d("listen", [SERVER], (1, MANY), v.listen_value, APPEND, "listens",
+       "[address:]port | address [default_server] [reuseport] [backlog=number]", "0.0.0.0:80",
+       "An address and port the server accepts connections on (`*:8080`, `127.0.0.1`, "
+       "`[::]:8080`). `default_server` makes it the server for requests whose Host matches no "
+       "name; otherwise the first server listed for the address is.",
+       "listen 127.0.0.1:8080 default_server reuseport;"),
+    _d("server_name", [SERVER], (1, MANY), v.server_name_value, EXTEND, "names",
+       "name ...", '""',
+       "Names the server answers to: exact names, `*.example.com`, `www.example.*`, `~regex` and "
+       "`\"\"` (requests without Host). Chosen in that order: exact, longest leading wildcard, "
+       "longest trailing wildcard, first matching regex.",
+       "server_name example.com *.example.com;"),
+    _d("location", [SERVER, LOCATION], (1, 2), v.location_value, APPEND, "locations",
+       "[ = | ^~ | ~ | ~* ] uri { ... }", None,
+       "Settings for requests by path. `=` matches exactly and wins at once; otherwise the longest "
+       "matching prefix is remembered and, unless it is `^~`, regexes (`~`, `~*` case-insensitive) "
+       "are tried in conf order, nested ones of that prefix first; the first matching regex wins, "
+       "else the prefix. Locations may nest.",
+       "location ^~ /static/ { return 404; }", block=LOCATION),
+    _d("return", [SERVER, LOCATION], (1, 2), v.return_value, SET, "ret",
+       "code [text | url] | url", None,
+       "Answers at once with `code` (and body `text`, or the `Location` for 301, 302, 303, 307, "
+       "308); a lone URL redirects with 302. At server level it answers every request.",
+       "return 301 https://example.com$request_uri;"),
+    _d("proxy_pass", [LOCATION], (1, 1), v.proxy_pass_value, SET, "proxy_pass",
+       "http://upstream[/uri] | http://host:port[/uri]", None,
+       "Sends requests to an upstream group, or to one `host:port`. With a URI part, the part of "
+       "the path matched by the location prefix is replaced by it; without one, the request URI "
+       "is passed unchanged. Plain HTTP only.",
+       "proxy_pass http://backend/api/;"),
+)
+
+
+def by_name() -> dict[str, list[Directive]]:
+    """Directives indexed by name (two share `server`: the http block and the upstream line)."""
+    index: dict[str, list[Directive]] = {}
+    for directive in DIRECTIVES:
+        index.setdefault(directive.name, []).append(directive)
+    return index
+
+
+def render_markdown() -> str:
+    """docs/DIRECTIVES.md, generated from the table."""
+    lines = [
+        "# Directives",
+        "",
+        "<!-- Generated by `python -m forkgw.conf.directives > docs/DIRECTIVES.md`; do not edit. -->",
+        "",
+        "Sizes are bytes or take `k`, `m`, `g`; times are seconds or take `ms`, `s`, `m`, `h`, `d`.",
+        "Relative paths resolve against the prefix (`-p`); `include` masks resolve against the folder",
+        "of the main conf file.",
+        "",
+    ]
+    for context in CONTEXTS:
+        listed = [d for d in DIRECTIVES if d.contexts[0] == context]
+        if listed:
+            lines.append(f"- {context}: " + ", ".join(f"[{_title(d)}](#{_anchor(d)})" for d in listed))
+    for directive in DIRECTIVES:
+        ending = "" if directive.block else ";"
+        default = "—" if directive.default is None else f"`{directive.name} {directive.default};`"
+        lines += [
+            "",
+            f"## {_title(directive)}",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| Syntax | `{directive.name} {_cell(directive.syntax)}{ending}` |",
+            f"| Default | {default} |",
+            f"| Context | {', '.join(directive.contexts)} |",
+            "",
+            directive.description,
+            "",
+            "```nginx",
+            directive.example,
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text for a table cell: GitHub tables split cells on `|`, even inside code."""
+    return text.replace("|", r"\|")
+
+
+def _title(directive: Directive) -> str:
+    twins = by_name()[directive.name]
+    return directive.name if len(twins) == 1 else f"{directive.name} ({directive.contexts[0]})"
+
+
+def _anchor(directive: Directive) -> str:
+    return _title(directive).replace(" (", "-").replace(")", "")
+
+
+def main(argv: list[str]) -> int:
+    text = render_markdown()
+    if argv[:1] == ["--check"] and len(argv) == 2:
+        with open(argv[1], encoding="utf-8") as f:
+            if f.read() == text:
+                return 0
+        print(f"{argv[1]} is out of date: python -m forkgw.conf.directives > {argv[1]}", file=sys.stderr)
+        return 1
+    if argv:
+        print("usage: python -m forkgw.conf.directives [--check FILE]", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

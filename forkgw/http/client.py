@@ -1,0 +1,678 @@
+"""One client connection: h11 server state, routing, `return`, proxying, filters, logging.
+
+Theory of operation.  The worker loop calls `on_event` when the socket is
+ready; everything else happens here, in the order a request lives:
+
+    bytes -> h11 events -> Request: pick server (Host) and location (path)
+          -> request-phase filters (may answer locally)
+          -> `return` answer, or a ProxyRequest to a peer
+          -> response head through the header filter (add_header, wasm)
+          -> body -> EndOfMessage -> done/log/delete, access log line
+          -> keep-alive: next request (pipelined ones wait, h11 PAUSED)
+
+Invariants: at most one request is in flight per connection (h11 pauses the
+rest); `out` holds bytes h11 produced that the kernel has not taken yet, and
+while it is above the high-water mark the source feeding it stops reading; a
+connection always has one deadline that matches what it waits for.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import time
+
+import h11
+
+from forkgw.http.messages import (
+    ADD_HEADER_STATUSES,
+    REDIRECTS,
+    end_to_end,
+    error_page,
+    reason,
+    server_header,
+)
+from forkgw.http.upstream import HIGH_WATER, READ_SIZE, ProxyRequest
+from forkgw.routing import proxy_uri
+
+LINGER_TIME = 2.0
+MAX_DISCARD = 1024 * 1024  # body bytes read and dropped after answering, before giving up
+
+# Response headers an upstream sends that nginx replaces with its own by default.
+REPLACED_BY_GATEWAY = frozenset({b"server", b"date"})
+
+
+def headers_too_large(headers, number: int, size: int) -> bool:
+    """nginx's large_client_header_buffers: no line over `size`, all of them within number*size."""
+    total = 0
+    for name, value in headers:
+        line = len(name) + len(value) + 4
+        if line > size:
+            return True
+        total += line
+    return total > number * size
+
+
+class RequestState:
+    """What one request has said and been told: read by the access log and `$variables`."""
+
+    __slots__ = ("method", "target", "path", "query", "http_version", "host", "headers",
+                 "remote_addr", "remote_port", "server_addr", "server_port", "start_time",
+                 "end_time", "status", "body_bytes_sent", "bytes_sent", "request_length",
+                 "_request_id", "connection_id", "connection_requests", "pid", "upstream_addr",
+                 "upstream_status", "upstream_response_time", "proxy_host", "response_headers")
+
+    def __init__(self, conn, request: h11.Request | None):
+        if request is None:  # too malformed for h11 to parse: logged as nginx logs a 400
+            self.method, self.target, self.http_version, self.headers = "-", "-", "1.1", []
+        else:
+            self.method = request.method.decode("latin-1")
+            self.target = request.target.decode("latin-1")
+            self.http_version = request.http_version.decode()
+            self.headers = request.headers
+        self.path, _, self.query = self.target.partition("?")
+        self.host = ""
+        self.remote_addr = conn.remote_addr
+        self.remote_port = conn.remote_port
+        self.server_addr = conn.server_addr
+        self.server_port = conn.server_port
+        self.start_time = time.time()
+        self.end_time = 0.0
+        self.status = 0
+        self.body_bytes_sent = 0
+        self.bytes_sent = 0
+        self.request_length = 0
+        self._request_id = None
+        self.connection_id = conn.id
+        self.connection_requests = conn.requests
+        self.pid = conn.worker.pid
+        self.upstream_addr = ""
+        self.upstream_status = ""
+        self.upstream_response_time = ""
+        self.proxy_host = ""
+        self.response_headers: list[tuple[bytes, bytes]] = []
+
+    @property
+    def request_id(self) -> str:
+        if self._request_id is None:
+            self._request_id = os.urandom(16).hex()
+        return self._request_id
+
+    def header(self, name: str) -> str:
+        key = name.encode("latin-1")
+        for n, v in self.headers:
+            if n == key:
+                return v.decode("latin-1")
+        return ""
+
+    def response_header(self, name: str) -> str:
+        key = name.encode("latin-1")
+        for n, v in self.response_headers:
+            if n == key:
+                return v.decode("latin-1")
+        return ""
+
+
+class ClientConnection:
+    __slots__ = ("worker", "sock", "id", "remote_addr", "remote_port", "server_addr",
+                 "server_port", "listen_key", "h11", "out", "events", "closed", "deadline",
+                 "timer_at", "timer_queued", "state", "proxy", "stream", "settings", "requests",
+                 "read_paused", "on_drained", "keepalive", "head_sent", "phase", "discarded",
+                 "is_head", "response_status", "pipelined", "last_read")
+
+    def __init__(self, worker, sock: socket.socket, addr, listen_key, conn_id: int):
+        self.worker = worker
+        self.sock = sock
+        self.id = conn_id
+        self.remote_addr, self.remote_port = (addr[0], addr[1]) if isinstance(addr, tuple) else ("unix:", 0)
+        local = sock.getsockname()
+        self.server_addr, self.server_port = (local[0], local[1]) if isinstance(local, tuple) else ("unix:", 0)
+        self.listen_key = listen_key
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=worker.header_limit(listen_key))
+        self.out = bytearray()
+        self.events = 0
+        self.closed = False
+        self.deadline = None
+        self.timer_at = 0.0
+        self.timer_queued = False
+        self.state: RequestState | None = None
+        self.proxy: ProxyRequest | None = None
+        self.stream = None  # the wasm filter chain's per-request state
+        self.settings = worker.default_settings(listen_key)
+        self.requests = 0
+        self.read_paused = False
+        self.on_drained = None
+        self.keepalive = True
+        self.head_sent = False
+        self.phase = "head"  # head | body | wait | done | linger
+        self.discarded = 0
+        self.is_head = False
+        self.response_status = 0
+        self.pipelined = False
+        self.last_read = 0
+        self.want(selectors.EVENT_READ)
+        worker.set_deadline(self, self.settings.client_header_timeout)
+
+    # -- selector plumbing ------------------------------------------------------
+
+    def want(self, events: int) -> None:
+        if self.closed or events == self.events:
+            return
+        if self.events == 0:
+            self.worker.selector.register(self.sock, events, self.on_event)
+        elif events == 0:
+            self.worker.selector.unregister(self.sock)
+        else:
+            self.worker.selector.modify(self.sock, events, self.on_event)
+        self.events = events
+
+    def update_interest(self) -> None:
+        reading = self.phase == "linger" or not (self.read_paused or self.pipelined)
+        self.want((selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if self.out else 0))
+
+    def on_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self.flush()
+        if mask & selectors.EVENT_READ and not self.closed:
+            self.on_readable()
+
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.update_interest()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self.update_interest()
+
+    def out_pending(self) -> int:
+        return len(self.out)
+
+    # -- reading ------------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self.last_read = len(data)
+        if self.phase == "linger":
+            if not data:
+                self.close()
+            return
+        if not data and self.phase in ("wait", "done") and self.h11.their_state is h11.DONE:
+            self.client_gone()
+            return
+        if self.phase == "head" and self.deadline is not None and self.requests and data:
+            self.worker.set_deadline(self, self.settings.client_header_timeout)
+        try:
+            self.h11.receive_data(data)
+        except RuntimeError:
+            self.close()
+            return
+        self.process()
+
+    def process(self) -> None:
+        while not self.closed:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as err:
+                self.bad_request(err)
+                return
+            if event is h11.NEED_DATA:
+                break
+            if event is h11.PAUSED:
+                self.pipelined = True  # the next request waits until this one is answered
+                break
+            if isinstance(event, h11.Request):
+                self.start_request(event)
+            elif isinstance(event, h11.Data):
+                self.request_body(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.request_end()
+            elif isinstance(event, h11.ConnectionClosed):
+                self.client_gone()
+                return
+        self.update_interest()
+
+    def bad_request(self, err: h11.RemoteProtocolError) -> None:
+        status = err.error_status_hint or 400
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.head_sent:
+            self.close()
+            return
+        self.worker.log.info(f"client sent invalid request: {err}, client: {self.remote_addr}")
+        self.keepalive = False
+        if self.state is None:
+            self.state = RequestState(self, None)
+        self.phase = "done"
+        self.is_head = False
+        self.respond(status, [(b"Content-Type", b"text/html")], error_page(status, self.settings.server_tokens),
+                     filters=False)
+
+    # -- a request arrives ------------------------------------------------------
+
+    def start_request(self, request: h11.Request) -> None:
+        worker = self.worker
+        self.requests += 1
+        self.head_sent = False
+        self.discarded = 0
+        self.response_status = 0
+        state = self.state = RequestState(self, request)
+        self.is_head = request.method == b"HEAD"
+        host = b""
+        length = None
+        chunked = False
+        for name, value in request.headers:
+            if name == b"host":
+                host = value
+            elif name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        state.host = host.decode("latin-1").split(":", 1)[0].lower() if host else self.server_addr
+        has_body = chunked or bool(length)
+        self.phase = "body" if has_body else "wait"
+        server = worker.router.server_for(self.listen_key, state.host)
+        self.settings = server.settings
+        if self.requests >= self.settings.keepalive_requests or worker.draining:
+            self.keepalive = False
+        number, size = self.settings.large_client_header_buffers
+        if len(request.target) > size:
+            self.keepalive = False
+            self.respond_error(414)
+            return
+        if self.last_read > size and headers_too_large(request.headers, number, size):
+            # h11 bounds only heads that arrive in pieces; one that came whole is checked here.
+            self.keepalive = False
+            self.respond_error(431)
+            return
+        normalized = worker.normalize(request.target)
+        if normalized is None:
+            self.respond_error(400)
+            return
+        state.path, state.query = normalized
+        if server.ret is not None:
+            self.respond_return(server.ret)
+            return
+        location = worker.router.location_for(server, state.path)
+        if location is None:
+            self.respond_error(404)
+            return
+        settings = self.settings = location.settings
+        limit = settings.client_max_body_size
+        if limit and length is not None and length > limit:
+            self.worker.log.error(f"client intended to send too large body: {length} bytes, "
+                                  f"client: {self.remote_addr}, request: \"{state.method} {state.target}\"")
+            self.keepalive = False
+            self.respond_error(413)
+            return
+        headers = request.headers
+        if settings.filters:
+            pseudo = [(b":method", request.method), (b":path", request.target),
+                      (b":authority", host), (b":scheme", b"http")]
+            self.stream = worker.wasm_stream(settings.filters, self, state)
+            reply = self.stream.on_request_headers(pseudo + list(headers), not has_body)
+            if reply is not None:
+                self.send_local_reply(reply)
+                return
+            request, headers, host = self.apply_request_changes(request)
+        if location.ret is not None:
+            self.respond_return(location.ret)
+        elif location.proxy_pass is not None:
+            self.start_proxy(location, request, headers, host, has_body)
+        else:
+            self.respond_error(404)
+
+    def apply_request_changes(self, request: h11.Request):
+        """Rebuild the request from the map the request-phase filters left behind."""
+        method, target, host = request.method, request.target, b""
+        headers = []
+        for name, value in self.stream.request_headers:
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                target = value
+            elif name == b":authority":
+                host = value
+            elif not name.startswith(b":"):
+                headers.append((name, value))
+        if target != request.target:
+            normalized = self.worker.normalize(target)
+            if normalized is not None:
+                self.state.path, self.state.query = normalized
+        rebuilt = h11.Request(method=method, target=target, headers=[(b"host", host)] + [
+            h for h in headers if h[0] != b"host"] if host else headers, http_version=request.http_version)
+        return rebuilt, headers, host
+
+    def start_proxy(self, location, request, headers, host, has_body: bool) -> None:
+        upstream = self.worker.upstreams[location.proxy_pass.upstream]
+        state = self.state
+        state.proxy_host = location.proxy_pass.upstream
+        target = proxy_uri(location, location.proxy_pass, state.path,
+                                              request.target.decode("latin-1"))
+        outgoing = self.worker.proxy_headers(location.settings, state, headers)
+        upstream_request = h11.Request(method=request.method, target=target.encode("latin-1"),
+                                       headers=outgoing)
+        if has_body and self.h11.they_are_waiting_for_100_continue:
+            self.out += self.h11.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+            self.flush()
+        self.proxy = ProxyRequest(self, upstream, upstream_request, location.settings, has_body)
+        self.proxy.start()
+        if self.phase == "body":
+            self.worker.set_deadline(self, self.settings.client_body_timeout)
+        elif not self.out:
+            self.deadline = None
+
+    def request_body(self, data: bytes) -> None:
+        state = self.state
+        if state is None:  # answered already: the rest of the body is read and dropped
+            self.discarded += len(data)
+            if self.discarded > MAX_DISCARD:
+                self.close()
+            return
+        state.request_length += len(data)
+        limit = self.settings.client_max_body_size
+        if limit and state.request_length > limit and not self.head_sent:
+            self.keepalive = False
+            if self.proxy is not None:
+                self.proxy.cancel()
+                self.proxy = None
+            self.worker.log.error(f"client intended to send too large chunked body: "
+                                  f"{state.request_length} bytes, client: {self.remote_addr}")
+            self.respond_error(413)
+            return
+        if self.proxy is not None and not self.proxy.done:
+            self.proxy.body_data(data)
+            self.worker.set_deadline(self, self.settings.client_body_timeout)
+        else:
+            self.discarded += len(data)
+            if self.discarded > MAX_DISCARD and self.phase == "done":
+                self.keepalive = False
+                self.close()
+
+    def request_end(self) -> None:
+        if self.proxy is not None and not self.proxy.done:
+            self.proxy.body_end()
+        if self.phase == "body":
+            self.phase = "wait"
+            if not self.out:
+                self.deadline = None
+        if self.phase == "done" and self.h11.our_state is h11.DONE:
+            self.next_cycle()
+
+    # -- answering ------------------------------------------------------------------
+
+    def respond_return(self, ret) -> None:
+        status, text = ret
+        if status in REDIRECTS or (text is None and status >= 300 and status != 304):
+            headers = [(b"Content-Type", b"text/html")]
+            if text is not None:
+                headers.append((b"Location", self.worker.absolute_url(text, self.state).encode("latin-1")))
+            self.respond(status, headers, error_page(status, self.settings.server_tokens))
+            return
+        body = self.worker.render_return(text, self.state) if text else b""
+        self.respond(status, [(b"Content-Type", b"text/plain")] if text else [], body)
+
+    def respond_error(self, status: int) -> None:
+        if self.head_sent:
+            self.abort()
+            return
+        if self.proxy is not None:
+            self.proxy = None
+        self.respond(status, [(b"Content-Type", b"text/html")], error_page(status, self.settings.server_tokens))
+
+    def send_local_reply(self, reply) -> None:
+        if self.proxy is not None:
+            self.proxy.cancel()
+            self.proxy = None
+        headers = [(n.lower(), v) for n, v in reply.headers
+                   if n.lower() not in (b"content-length", b"transfer-encoding")]
+        self.respond(reply.status, headers, reply.body, filters=False)
+
+    def respond(self, status: int, headers: list, body: bytes, filters: bool = True) -> None:
+        """A whole answer made here (return, error page, local reply): head, body, end."""
+        headers.append((b"Content-Length", str(len(body)).encode()))
+        if not self.send_response_head(status, headers, proxied=False, filters=filters):
+            return
+        if body and not self.is_head and status not in (204, 304):
+            self.send_body(body)
+        self.end_response()
+
+    def send_response_head(self, status: int, headers: list, proxied: bool, filters: bool = True) -> bool:
+        """The header-filter phase, then the head on the wire. False: answered otherwise."""
+        if self.closed or self.head_sent:
+            return False
+        settings = self.settings
+        if proxied:
+            headers = [h for h in headers if h[0] not in REPLACED_BY_GATEWAY]
+        if settings.add_header:
+            for add in settings.add_header:
+                if add.always or status in ADD_HEADER_STATUSES:
+                    headers.append((add.name.lower().encode("latin-1"), add.value.encode("latin-1")))
+        if filters and self.stream is not None:
+            self.state.status = status
+            reply = self.stream.on_response_headers(status, headers, False)
+            if reply is not None:
+                if self.proxy is not None:
+                    self.proxy.cancel()
+                    self.proxy = None
+                self.stream_done()
+                self.send_local_reply(reply)
+                return False
+            status, headers = self.stream.status, self.stream.response_headers
+        self.head_sent = True
+        self.response_status = status
+        self.state.status = status
+        self.state.response_headers = headers
+        head = [(b"Server", self.worker.server_tokens(settings)), (b"Date", self.worker.date.now())]
+        head.extend(headers)
+        if not self.keepalive:
+            head.append((b"Connection", b"close"))
+        try:
+            data = self.h11.send(h11.Response(status_code=status, headers=head, reason=reason(status)))
+        except h11.LocalProtocolError as err:
+            self.worker.log.error(f"invalid response head ({err}), client: {self.remote_addr}")
+            self.head_sent = False
+            self.keepalive = False
+            if self.proxy is not None:
+                self.proxy.cancel()
+                self.proxy = None
+            self.respond(502, [(b"Content-Type", b"text/html")], error_page(502, settings.server_tokens),
+                         filters=False)
+            return False
+        self.state.bytes_sent += len(data)
+        self.out += data
+        return True
+
+    def send_body(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        if self.is_head:
+            return
+        try:
+            out = self.h11.send(h11.Data(data=data))
+        except h11.LocalProtocolError:
+            self.abort()
+            return
+        self.state.body_bytes_sent += len(data)
+        self.state.bytes_sent += len(out)
+        self.out += out
+        self.flush()
+
+    def end_response(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.out += self.h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            self.abort()
+            return
+        self.proxy = None
+        self.phase = "done"
+        self.finish_request()
+        if self.h11.our_state is h11.MUST_CLOSE or not self.keepalive:
+            self.flush()
+            if not self.closed and not self.out:
+                self.linger()
+            return
+        if self.h11.their_state is h11.DONE:
+            self.next_cycle()
+        else:
+            # The client is still sending a body we do not need: read and drop it.
+            if self.h11.they_are_waiting_for_100_continue:
+                self.keepalive = False
+                self.flush()
+                if not self.out:
+                    self.linger()
+                return
+            self.worker.set_deadline(self, self.settings.client_body_timeout)
+            self.flush()
+
+    def next_cycle(self) -> None:
+        try:
+            self.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            self.keepalive = False
+            self.linger()
+            return
+        self.phase = "head"
+        self.pipelined = False
+        self.flush()
+        if self.closed:
+            return
+        if self.worker.draining:
+            if not self.out:
+                self.close()
+            else:
+                self.keepalive = False
+            return
+        self.worker.set_deadline(self, self.settings.keepalive_timeout)
+        self.process()  # a pipelined request may be buffered already
+
+    def finish_request(self) -> None:
+        state = self.state
+        if state is None:
+            return
+        state.end_time = time.time()
+        if not state.status:
+            state.status = self.response_status
+        self.stream_done()
+        self.worker.access_log(self.settings, state)
+        self.state = None
+
+    def stream_done(self) -> None:
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            stream.finish()
+
+    # -- writing ----------------------------------------------------------------------
+
+    def flush(self) -> None:
+        if self.closed:
+            return
+        if self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.client_gone()
+                return
+            if sent:
+                del self.out[:sent]
+                self.worker.set_deadline(self, self.settings.send_timeout) if self.out else None
+        if not self.out:
+            if self.on_drained is not None:
+                callback, self.on_drained = self.on_drained, None
+                callback()
+            if self.phase == "done" and (self.h11.our_state is h11.MUST_CLOSE or not self.keepalive):
+                self.linger()
+                return
+            if self.phase == "wait" and self.proxy is not None:
+                self.deadline = None
+        elif len(self.out) > HIGH_WATER and self.deadline is None:
+            self.worker.set_deadline(self, self.settings.send_timeout)
+        self.update_interest()
+
+    # -- endings ------------------------------------------------------------------------
+
+    def on_timeout(self) -> None:
+        if self.out:
+            self.worker.log.info(f"client timed out (110: Connection timed out) while sending response "
+                                 f"to client, client: {self.remote_addr}")
+            self.abort()
+        elif self.phase == "body":
+            self.worker.log.info(f"client timed out (110: Connection timed out) while reading client "
+                                 f"request body, client: {self.remote_addr}")
+            self.keepalive = False
+            if self.proxy is not None:
+                self.proxy.cancel()
+                self.proxy = None
+            self.respond_error(408)
+        elif self.phase == "head" and self.requests == 0 or self.h11.their_state is not h11.IDLE:
+            if self.h11.trailing_data[0] or self.h11.their_state is not h11.IDLE:
+                self.worker.log.info(f"client timed out (110: Connection timed out) while reading "
+                                     f"client request headers, client: {self.remote_addr}")
+            self.close()
+        else:
+            self.close()  # idle keep-alive connection, or lingering close
+
+    def client_gone(self) -> None:
+        """The client closed or reset: stop the upstream side, finish the filters, log 499."""
+        if self.proxy is not None:
+            self.proxy.cancel()
+            self.proxy = None
+        if self.state is not None:
+            if not self.head_sent:
+                self.state.status = 499
+            self.finish_request()
+        self.close()
+
+    def abort(self) -> None:
+        """Cut the connection mid-response, as nginx does when an upstream fails late."""
+        self.keepalive = False
+        if self.proxy is not None:
+            self.proxy.cancel()
+            self.proxy = None
+        self.finish_request()
+        self.close()
+
+    def linger(self) -> None:
+        """Half-close and drain what the client still sends, so our answer is not reset."""
+        if self.closed:
+            return
+        if self.out:
+            self.keepalive = False
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.phase = "linger"
+        self.read_paused = False
+        self.worker.set_deadline(self, LINGER_TIME)
+        self.want(selectors.EVENT_READ)
+
+    def drain(self) -> None:
+        """Graceful stop: idle connections close now, busy ones after their response."""
+        self.keepalive = False
+        if self.phase == "head" and not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.want(0)
+        self.closed = True
+        self.deadline = None
+        self.stream_done()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.worker.connection_closed(self)

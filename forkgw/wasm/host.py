@@ -1,0 +1,824 @@
+"""Host functions: the `env` (proxy-wasm) and WASI imports a filter calls.
+
+Theory of operation:
+- Linking follows the module's own import list (ABI doc section 0, rule 2).
+  `resolve_import()` decides, at compile time in the master, how each import
+  is served: a real implementation (its declared type must be exactly the ABI
+  type), a fixed-status stub (any declared type: SDKs disagree on the
+  signatures of calls we do not implement yet), or a rejection, which
+  `compile_modules` turns into a ConfError.  `Host.link()` replays that plan in
+  the worker with the import's own FuncType.
+- One Host per VM instance.  Hostcalls act on `ctx`: the context whose
+  callback is running (`current`), or the one the guest chose with
+  proxy_set_effective_context (`effective`); both are reset after every
+  top-level callback.  Root contexts have no stream: header maps are then
+  unavailable (BadArgument, as the spec says).
+- Every i32 argument is a u32 (masked with U32); every guest pointer is
+  bounds-checked by `Guest` and answered with InvalidMemoryAccess (WASI:
+  EFAULT).  No Python exception leaves a host function except the deliberate
+  guest traps (GuestExit, GuestAbort) and traps raised by guest code the host
+  called (the allocator); a host bug is logged at [crit] and answered with
+  InternalFailure.
+- Statuses are the ones the SDKs accept (the Rust SDK panics on anything it
+  does not list): e.g. proxy_log, set_property, send_local_response always
+  answer OK on valid input; unsupported calls answer the "not available"
+  status each SDK tolerates (http/grpc calls: InternalFailure; grpc stream
+  ops: NotFound; foreign functions: NotFound).
+
+Shared data, queues and metrics use `LocalShared` (shared.py): per worker,
+correct within one worker, not yet shared across workers.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import traceback
+from typing import TYPE_CHECKING
+
+import wasmtime
+
+from . import properties
+from .abi import (
+    LOG_LEVEL_NAMES,
+    U32,
+    BufferType,
+    Errno,
+    MapType,
+    MetricType,
+    Status,
+    decode_pairs,
+    encode_pairs,
+    pairs_size,
+)
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+
+class GuestExit(Exception):
+    """proc_exit(code): unwinds the guest like a trap."""
+
+    def __init__(self, code: int):
+        super().__init__(f"proc_exit({code})")
+        self.code = code
+
+
+class GuestAbort(Exception):
+    """abort()/proc_raise(): unwinds the guest like a trap."""
+
+
+# Exceptions that must cross a host function untouched (they end the guest call).
+UNWIND = (GuestExit, GuestAbort, wasmtime.Trap, wasmtime.WasmtimeError)
+
+OK = Status.OK
+NOT_FOUND = Status.NOT_FOUND
+BAD_ARGUMENT = Status.BAD_ARGUMENT
+INVALID_MEMORY_ACCESS = Status.INVALID_MEMORY_ACCESS
+
+# -- the import table --------------------------------------------------------
+# Signatures: params ":" results, i = i32, I = i64.
+
+ENV_IMPLEMENTED = {
+    "proxy_log": "iii:i",
+    "proxy_get_log_level": "i:i",
+    "proxy_get_current_time_nanoseconds": "i:i",
+    "proxy_set_tick_period_milliseconds": "i:i",
+    "proxy_set_effective_context": "i:i",
+    "proxy_done": ":i",
+    "proxy_get_configuration": "ii:i",
+    "proxy_get_buffer_bytes": "iiiii:i",
+    "proxy_set_buffer_bytes": "iiiii:i",
+    "proxy_get_buffer_status": "iii:i",
+    "proxy_get_header_map_size": "ii:i",
+    "proxy_get_header_map_pairs": "iii:i",
+    "proxy_set_header_map_pairs": "iii:i",
+    "proxy_get_header_map_value": "iiiii:i",
+    "proxy_add_header_map_value": "iiiii:i",
+    "proxy_replace_header_map_value": "iiiii:i",
+    "proxy_remove_header_map_value": "iii:i",
+    "proxy_continue_stream": "i:i",
+    "proxy_close_stream": "i:i",
+    "proxy_continue_request": ":i",
+    "proxy_continue_response": ":i",
+    "proxy_clear_route_cache": ":i",
+    "proxy_send_local_response": "iiiiiiii:i",
+    "proxy_get_property": "iiii:i",
+    "proxy_set_property": "iiii:i",
+    "proxy_get_status": "iii:i",
+    "proxy_get_shared_data": "iiiii:i",
+    "proxy_set_shared_data": "iiiii:i",
+    "proxy_register_shared_queue": "iii:i",
+    "proxy_resolve_shared_queue": "iiiii:i",
+    "proxy_enqueue_shared_queue": "iii:i",
+    "proxy_dequeue_shared_queue": "iii:i",
+    "proxy_define_metric": "iiii:i",
+    "proxy_increment_metric": "iI:i",
+    "proxy_record_metric": "iI:i",
+    "proxy_get_metric": "ii:i",
+    "emscripten_notify_memory_growth": "i:",
+    "pthread_equal": "ii:i",
+}
+
+# Not implemented yet: any declared type, this status (what the SDKs tolerate).
+ENV_STUBS = {
+    "proxy_http_call": Status.INTERNAL_FAILURE,  # Rust: Ok | BadArgument | InternalFailure
+    "proxy_dispatch_http_call": Status.INTERNAL_FAILURE,
+    "proxy_grpc_call": Status.INTERNAL_FAILURE,
+    "proxy_grpc_stream": Status.INTERNAL_FAILURE,
+    "proxy_grpc_send": Status.NOT_FOUND,  # no such token
+    "proxy_grpc_cancel": Status.NOT_FOUND,
+    "proxy_grpc_close": Status.NOT_FOUND,
+    "proxy_call_foreign_function": Status.NOT_FOUND,  # no foreign functions registered
+}
+
+WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
+
+WASI_IMPLEMENTED = {
+    "args_get": "ii:i",
+    "args_sizes_get": "ii:i",
+    "environ_get": "ii:i",
+    "environ_sizes_get": "ii:i",
+    "clock_res_get": "ii:i",
+    "clock_time_get": "iIi:i",
+    "fd_write": "iiii:i",
+    "fd_read": "iiii:i",
+    "fd_close": "i:i",
+    "fd_fdstat_get": "ii:i",
+    "fd_fdstat_set_flags": "ii:i",
+    "fd_prestat_get": "ii:i",
+    "fd_prestat_dir_name": "iii:i",
+    "fd_seek": "iIii:i",
+    "poll_oneoff": "iiii:i",
+    "proc_exit": "i:",
+    "proc_raise": "i:i",
+    "sched_yield": ":i",
+    "random_get": "ii:i",
+}
+
+# The rest of wasip1: any declared type; no file, socket or directory exists here.
+WASI_STUBS = {
+    name: Errno.BADF
+    for name in (
+        "fd_advise fd_allocate fd_datasync fd_fdstat_set_rights fd_filestat_get "
+        "fd_filestat_set_size fd_filestat_set_times fd_pread fd_pwrite fd_readdir "
+        "fd_renumber fd_sync fd_tell path_create_directory path_filestat_get "
+        "path_filestat_set_times path_link path_open path_readlink path_remove_directory "
+        "path_rename path_symlink path_unlink_file sock_accept sock_recv sock_send "
+        "sock_shutdown"
+    ).split()
+}
+
+_SIG_CHARS = {"i32": "i", "i64": "I", "f32": "f", "f64": "F"}
+
+
+def signature(functype: wasmtime.FuncType) -> str:
+    params = "".join(_SIG_CHARS.get(str(t), "?") for t in functype.params)
+    results = "".join(_SIG_CHARS.get(str(t), "?") for t in functype.results)
+    return f"{params}:{results}"
+
+
+def _pretty(sig: str) -> str:
+    names = {"i": "i32", "I": "i64", "f": "f32", "F": "f64", "?": "ref"}
+    params, results = sig.split(":")
+    return f"({', '.join(names[c] for c in params)}) -> ({', '.join(names[c] for c in results)})"
+
+
+def resolve_import(module: str, name: str, functype) -> tuple[str, object]:
+    """How the host serves one import: ("impl", method) | ("stub", status) | ("abort", None).
+
+    Raises ValueError with a readable reason when the host does not provide it.
+    """
+    if not isinstance(functype, wasmtime.FuncType):
+        raise ValueError(f'import "{module}.{name}" is not a function; the host provides only functions')
+    sig = signature(functype)
+    if module == "env":
+        if name in ENV_IMPLEMENTED:
+            want = ENV_IMPLEMENTED[name]
+            if sig != want:
+                raise ValueError(
+                    f'import "env.{name}" has type {_pretty(sig)}, the host provides {_pretty(want)}'
+                )
+            return "impl", name
+        if name in ENV_STUBS:
+            return "stub", ENV_STUBS[name]
+        if name == "abort":  # AssemblyScript (4 args) and emscripten (none) disagree on the type
+            return "abort", None
+        raise ValueError(f'import "env.{name}" is not provided by the host')
+    if module in WASI_MODULES:
+        if name in WASI_IMPLEMENTED:
+            want = WASI_IMPLEMENTED[name]
+            if sig != want:
+                raise ValueError(
+                    f'import "{module}.{name}" has type {_pretty(sig)}, the host provides {_pretty(want)}'
+                )
+            return "impl", "wasi_" + name
+        if name in WASI_STUBS:
+            return "stub", WASI_STUBS[name]
+        raise ValueError(f'import "{module}.{name}" is not provided by the host')
+    raise ValueError(f'import "{module}.{name}" is not provided by the host (unknown module "{module}")')
+
+
+def _bad_header(name: bytes, value: bytes) -> bool:
+    """Names and values that would break the HTTP/1.1 framing downstream."""
+    return (
+        not name
+        or b"\r" in name
+        or b"\n" in name
+        or b"\0" in name
+        or b"\r" in value
+        or b"\n" in value
+        or b"\0" in value
+    )
+
+
+_FDSTAT_STDIO = struct.pack("<BxHxxxxQQ", 2, 0, 0xFFFFFFFFFFFFFFFF, 0)  # character device
+_MAX_OUTPUT_LINE = 4096
+
+
+class Host:
+    """The import implementations for one VM instance."""
+
+    def __init__(self, vm: "VM"):
+        self.vm = vm
+        self.log = vm.log
+        self.current = None  # context whose callback runs
+        self.effective = None  # set by proxy_set_effective_context
+        self.buffers: dict[int, bytes] = {}  # VM/plugin configuration while on_vm_start/on_configure run
+        self.output = {1: b"", 2: b""}  # partial stdout/stderr lines
+        self.warned: set[str] = set()
+        self.log_level = next(
+            (lvl for lvl, name in enumerate(LOG_LEVEL_NAMES) if self.log.enabled(name)), 5
+        )
+        self.v010 = vm.abi == "0.1.0"
+
+    @property
+    def ctx(self):
+        return self.effective or self.current
+
+    # -- linking -------------------------------------------------------------
+
+    def link(self, linker: wasmtime.Linker, plan) -> None:
+        for module, name, functype, (kind, arg) in plan:
+            has_result = bool(functype.results)
+            if kind == "impl":
+                func = self._guarded(name, getattr(self, arg), has_result)
+            elif kind == "stub":
+                func = self._stub(module, name, int(arg), functype)
+            else:
+                func = self._abort
+            linker.define_func(module, name, functype, func, access_caller=True)
+
+    def _guarded(self, name: str, method, has_result: bool):
+        def call(caller, *args):
+            try:
+                return method(caller, *args)
+            except UNWIND:
+                raise
+            except Exception:  # a host bug: never let it become a guest trap
+                self.log.crit(f"{self.label()}: host function {name} failed: {traceback.format_exc()}")
+                return Status.INTERNAL_FAILURE if has_result else None
+
+        return call
+
+    def _stub(self, module: str, name: str, status: int, functype):
+        results = [str(t) for t in functype.results]
+        if not results:
+            value = None
+        elif results == ["i32"]:
+            value = status
+        else:
+            value = [0] * len(results) if len(results) > 1 else 0
+
+        def call(caller, *args):
+            if name not in self.warned and module == "env":
+                self.warned.add(name)
+                self.log.warn(f"{self.label()}: {name} is not supported yet, answering status {status}")
+            return value
+
+        return call
+
+    def _abort(self, caller, *args):
+        message = "abort()"
+        if len(args) == 4:  # AssemblyScript abort(message, file, line, column)
+            msg = self._as_string(caller, args[0] & U32)
+            where = self._as_string(caller, args[1] & U32)
+            message = f"abort: {msg} at {where}:{args[2] & U32}:{args[3] & U32}"
+        raise GuestAbort(message)
+
+    def _as_string(self, caller, ptr: int) -> str:
+        """An AssemblyScript string (UTF-16LE, byte length at ptr-4), best effort."""
+        if ptr < 4:
+            return "?"
+        size = self.vm.guest.read_u32(caller, ptr - 4)
+        if size is None or size > 4096:
+            return "?"
+        data = self.vm.guest.read(caller, ptr, size)
+        return "?" if data is None else data.decode("utf-16-le", "replace")
+
+    # -- helpers -------------------------------------------------------------
+
+    def label(self) -> str:
+        ctx = self.ctx
+        return ctx.plugin.label if ctx is not None else self.vm.label
+
+    def guest_log(self, level: str, text: str) -> None:
+        ctx = self.ctx
+        prefix = ""
+        if ctx is not None and ctx.stream is not None:
+            prefix = f"*{ctx.stream.info.connection_id} "
+        text = text.replace("\r", "\\r").replace("\n", "\\n")
+        self.log.write(level, f"{prefix}{self.label()}: {text}")
+
+    def flush_output(self) -> None:
+        for fd in (1, 2):
+            if self.output[fd]:
+                data, self.output[fd] = self.output[fd], b""
+                self._emit(fd, data)
+
+    def _emit(self, fd: int, line: bytes) -> None:
+        level = "info" if fd == 1 else "error"
+        if self.log.enabled(level):
+            name = "stdout" if fd == 1 else "stderr"
+            self.guest_log(level, f"{name}: {line.decode('utf-8', 'replace')}")
+
+    def _map(self, map_type: int):
+        """The header map `map_type` of the current stream, or a status."""
+        ctx = self.ctx
+        stream = ctx.stream if ctx is not None else None
+        if stream is None or map_type > MapType.RESPONSE_TRAILERS:
+            return BAD_ARGUMENT
+        if map_type == MapType.REQUEST_HEADERS:
+            return stream.request_headers if stream.request_seen else BAD_ARGUMENT
+        if map_type == MapType.RESPONSE_HEADERS:
+            return stream.response_map if stream.response_map is not None else BAD_ARGUMENT
+        if map_type == MapType.REQUEST_TRAILERS:
+            return stream.request_trailers
+        return stream.response_trailers
+
+    def _buffer(self, buffer_type: int):
+        """bytes of an available buffer, or None (not available in this callback)."""
+        return self.buffers.get(buffer_type)
+
+    # -- env: logging, time, contexts ----------------------------------------
+
+    def proxy_log(self, caller, level, ptr, size):
+        level &= U32
+        ptr &= U32
+        size &= U32
+        if level > 5:
+            return BAD_ARGUMENT
+        name = LOG_LEVEL_NAMES[level]
+        if not self.log.enabled(name):
+            if ptr + size > self.vm.guest.memory_size(caller):
+                return INVALID_MEMORY_ACCESS
+            return OK
+        data = self.vm.guest.read(caller, ptr, size)
+        if data is None:
+            return INVALID_MEMORY_ACCESS
+        self.guest_log(name, data.decode("utf-8", "replace"))
+        return OK
+
+    def proxy_get_log_level(self, caller, ret):
+        return OK if self.vm.guest.write_u32(caller, ret & U32, self.log_level) else INVALID_MEMORY_ACCESS
+
+    def proxy_get_current_time_nanoseconds(self, caller, ret):
+        return OK if self.vm.guest.write_u64(caller, ret & U32, time.time_ns()) else INVALID_MEMORY_ACCESS
+
+    def proxy_set_tick_period_milliseconds(self, caller, period):
+        ctx = self.ctx
+        if ctx is None:
+            return BAD_ARGUMENT
+        ctx.root.set_tick_period((period & U32) / 1000.0)
+        return OK
+
+    def proxy_set_effective_context(self, caller, context_id):
+        ctx = self.vm.contexts.get(context_id & U32)
+        if ctx is None:
+            return BAD_ARGUMENT
+        self.effective = ctx
+        return OK
+
+    def proxy_done(self, caller):
+        return OK  # root contexts are never asked to finish yet, so nothing is pending
+
+    # -- env: configuration and buffers ---------------------------------------
+
+    def proxy_get_configuration(self, caller, ret_ptr, ret_size):
+        """0.1.0: the VM config in on_vm_start, the plugin config in on_configure; OK and empty otherwise."""
+        data = self.buffers.get(BufferType.PLUGIN_CONFIGURATION)
+        if data is None:
+            data = self.buffers.get(BufferType.VM_CONFIGURATION, b"")
+        return self.vm.guest.give(caller, data, ret_ptr & U32, ret_size & U32)
+
+    def proxy_get_buffer_bytes(self, caller, buffer_type, start, max_size, ret_ptr, ret_size):
+        buffer_type &= U32
+        start &= U32
+        max_size &= U32
+        if buffer_type > BufferType.CALL_DATA:
+            return BAD_ARGUMENT
+        data = self._buffer(buffer_type)
+        if data is None:
+            return NOT_FOUND
+        return self.vm.guest.give(caller, data[start : start + max_size], ret_ptr & U32, ret_size & U32)
+
+    def proxy_get_buffer_status(self, caller, buffer_type, ret_length, ret_flags):
+        buffer_type &= U32
+        if buffer_type > BufferType.CALL_DATA:
+            return BAD_ARGUMENT
+        data = self._buffer(buffer_type)
+        if data is None:
+            return NOT_FOUND
+        guest = self.vm.guest
+        if not guest.writable(caller, (ret_length & U32, 4), (ret_flags & U32, 4)):
+            return INVALID_MEMORY_ACCESS
+        guest.write_u32(caller, ret_length & U32, len(data))
+        guest.write_u32(caller, ret_flags & U32, 0)
+        return OK
+
+    def proxy_set_buffer_bytes(self, caller, buffer_type, start, size, data_ptr, data_size):
+        buffer_type &= U32
+        if buffer_type > BufferType.CALL_DATA:
+            return BAD_ARGUMENT
+        if self.vm.guest.read(caller, data_ptr & U32, data_size & U32) is None:
+            return INVALID_MEMORY_ACCESS
+        if buffer_type in (BufferType.VM_CONFIGURATION, BufferType.PLUGIN_CONFIGURATION, BufferType.CALL_DATA):
+            return BAD_ARGUMENT  # read-only
+        return NOT_FOUND  # bodies are not exposed to filters yet
+
+    # -- env: header maps -----------------------------------------------------
+
+    def proxy_get_header_map_size(self, caller, map_type, ret_size):
+        pairs = self._map(map_type & U32)
+        if isinstance(pairs, Status):
+            return pairs
+        ok = self.vm.guest.write_u32(caller, ret_size & U32, pairs_size(pairs))
+        return OK if ok else INVALID_MEMORY_ACCESS
+
+    def proxy_get_header_map_pairs(self, caller, map_type, ret_ptr, ret_size):
+        pairs = self._map(map_type & U32)
+        if isinstance(pairs, Status):
+            return pairs
+        return self.vm.guest.give(caller, encode_pairs(pairs), ret_ptr & U32, ret_size & U32)
+
+    def proxy_set_header_map_pairs(self, caller, map_type, ptr, size):
+        pairs = self._map(map_type & U32)
+        if isinstance(pairs, Status):
+            return pairs
+        data = self.vm.guest.read(caller, ptr & U32, size & U32)
+        if data is None:
+            return INVALID_MEMORY_ACCESS
+        new = decode_pairs(data)
+        if new is None or any(_bad_header(name, value) for name, value in new):
+            return BAD_ARGUMENT
+        pairs[:] = [(name.lower(), value) for name, value in new]
+        return OK
+
+    def proxy_get_header_map_value(self, caller, map_type, key_ptr, key_size, ret_ptr, ret_size):
+        pairs = self._map(map_type & U32)
+        if isinstance(pairs, Status):
+            return pairs
+        key = self.vm.guest.read(caller, key_ptr & U32, key_size & U32)
+        if key is None:
+            return INVALID_MEMORY_ACCESS
+        key = key.lower()
+        for name, value in pairs:
+            if name == key:
+                return self.vm.guest.give(caller, value, ret_ptr & U32, ret_size & U32)
+        if self.v010:  # 0.1.0: a missing key is an empty value
+            return self.vm.guest.give(caller, b"", ret_ptr & U32, ret_size & U32)
+        return NOT_FOUND
+
+    def _key_value(self, caller, key_ptr, key_size, value_ptr, value_size):
+        guest = self.vm.guest
+        key = guest.read(caller, key_ptr & U32, key_size & U32)
+        value = guest.read(caller, value_ptr & U32, value_size & U32)
+        if key is None or value is None:
+            return INVALID_MEMORY_ACCESS
+        if _bad_header(key, value):
+            return BAD_ARGUMENT
+        return key.lower(), value
+
+    def proxy_add_header_map_value(self, caller, map_type, key_ptr, key_size, value_ptr, value_size):
+        pairs = self._map(map_type & U32)
+        if isinstance(pairs, Status):
+            return pairs
+        kv = self._key_value(caller, key_ptr, key_size, value_ptr, value_size)
+        if isinstance(kv, Status):
+            return kv
+        pairs.append(kv)
+        return OK
+
+    def proxy_replace_header_map_value(self, caller, map_type, key_ptr, key_size, value_ptr, value_size):
+        pairs = self._map(map_type & U32)
+        if isinstance(pairs, Status):
+            return pairs
+        kv = self._key_value(caller, key_ptr, key_size, value_ptr, value_size)
+        if isinstance(kv, Status):
+            return kv
+        key = kv[0]
+        for i, (name, _) in enumerate(pairs):
+            if name == key:
+                pairs[i] = kv
+                pairs[i + 1 :] = [pair for pair in pairs[i + 1 :] if pair[0] != key]
+                return OK
+        pairs.append(kv)
+        return OK
+
+    def proxy_remove_header_map_value(self, caller, map_type, key_ptr, key_size):
+        pairs = self._map(map_type & U32)
+        if isinstance(pairs, Status):
+            return pairs
+        key = self.vm.guest.read(caller, key_ptr & U32, key_size & U32)
+        if key is None:
+            return INVALID_MEMORY_ACCESS
+        key = key.lower()
+        pairs[:] = [pair for pair in pairs if pair[0] != key]
+        return OK
+
+    # -- env: stream control ---------------------------------------------------
+
+    def proxy_continue_stream(self, caller, stream_type):
+        return OK if (stream_type & U32) <= 3 else BAD_ARGUMENT
+
+    def proxy_close_stream(self, caller, stream_type):
+        return OK if (stream_type & U32) <= 3 else BAD_ARGUMENT
+
+    def proxy_continue_request(self, caller):
+        return OK
+
+    def proxy_continue_response(self, caller):
+        return OK
+
+    def proxy_clear_route_cache(self, caller):
+        return OK
+
+    def proxy_send_local_response(
+        self, caller, status, details_ptr, details_size, body_ptr, body_size, headers_ptr, headers_size, grpc
+    ):
+        guest = self.vm.guest
+        details = guest.read(caller, details_ptr & U32, details_size & U32)
+        body = guest.read(caller, body_ptr & U32, body_size & U32)
+        raw_headers = guest.read(caller, headers_ptr & U32, headers_size & U32)
+        if details is None or body is None or raw_headers is None:
+            return INVALID_MEMORY_ACCESS
+        ctx = self.ctx
+        if ctx is None or ctx.stream is None:
+            return BAD_ARGUMENT
+        headers = decode_pairs(raw_headers)
+        status &= U32
+        if headers is None or not 200 <= status <= 599:
+            return BAD_ARGUMENT
+        headers = [
+            (name.lower(), value)
+            for name, value in headers
+            if not name.startswith(b":") and not _bad_header(name, value)
+        ]
+        grpc &= U32
+        if grpc != U32:  # -1: no gRPC status
+            headers.append((b"grpc-status", str(grpc).encode()))
+        ctx.stream.send_local_reply(ctx, status, headers, body, details)
+        return OK
+
+    def proxy_get_status(self, caller, ret_code, ret_ptr, ret_size):
+        guest = self.vm.guest
+        if not guest.write_u32(caller, ret_code & U32, 0):
+            return INVALID_MEMORY_ACCESS
+        return guest.give(caller, b"", ret_ptr & U32, ret_size & U32)
+
+    # -- env: properties -------------------------------------------------------
+
+    def proxy_get_property(self, caller, path_ptr, path_size, ret_ptr, ret_size):
+        guest = self.vm.guest
+        path = guest.read(caller, path_ptr & U32, path_size & U32)
+        if path is None:
+            return INVALID_MEMORY_ACCESS
+        value = properties.get(self.ctx, path)
+        if value is None:
+            return NOT_FOUND
+        return guest.give(caller, value, ret_ptr & U32, ret_size & U32)
+
+    def proxy_set_property(self, caller, path_ptr, path_size, value_ptr, value_size):
+        guest = self.vm.guest
+        path = guest.read(caller, path_ptr & U32, path_size & U32)
+        value = guest.read(caller, value_ptr & U32, value_size & U32)
+        if path is None or value is None:
+            return INVALID_MEMORY_ACCESS
+        if self.ctx is None:
+            return BAD_ARGUMENT
+        properties.put(self.ctx, path, value)
+        return OK
+
+    # -- env: shared data, queues, metrics (per worker, see shared.py) ---------
+
+    def proxy_get_shared_data(self, caller, key_ptr, key_size, ret_ptr, ret_size, ret_cas):
+        guest = self.vm.guest
+        key = guest.read(caller, key_ptr & U32, key_size & U32)
+        if key is None or not guest.writable(caller, (ret_cas & U32, 4)):
+            return INVALID_MEMORY_ACCESS
+        found = self.vm.shared.get_data(self.vm.vm_id, key)
+        if found is None:
+            return NOT_FOUND
+        value, cas = found
+        status = guest.give(caller, value, ret_ptr & U32, ret_size & U32)
+        if status == OK:
+            guest.write_u32(caller, ret_cas & U32, cas)
+        return status
+
+    def proxy_set_shared_data(self, caller, key_ptr, key_size, value_ptr, value_size, cas):
+        guest = self.vm.guest
+        key = guest.read(caller, key_ptr & U32, key_size & U32)
+        value = guest.read(caller, value_ptr & U32, value_size & U32)
+        if key is None or value is None:
+            return INVALID_MEMORY_ACCESS
+        return self.vm.shared.set_data(self.vm.vm_id, key, value, cas & U32)
+
+    def proxy_register_shared_queue(self, caller, name_ptr, name_size, ret_id):
+        guest = self.vm.guest
+        name = guest.read(caller, name_ptr & U32, name_size & U32)
+        if name is None or not guest.writable(caller, (ret_id & U32, 4)):
+            return INVALID_MEMORY_ACCESS
+        ctx = self.ctx
+        if ctx is None:
+            return BAD_ARGUMENT
+        queue_id = self.vm.shared.register_queue(self.vm.vm_id, name, ctx.root)
+        guest.write_u32(caller, ret_id & U32, queue_id)
+        return OK
+
+    def proxy_resolve_shared_queue(self, caller, vm_id_ptr, vm_id_size, name_ptr, name_size, ret_id):
+        guest = self.vm.guest
+        vm_id = guest.read(caller, vm_id_ptr & U32, vm_id_size & U32)
+        name = guest.read(caller, name_ptr & U32, name_size & U32)
+        if vm_id is None or name is None or not guest.writable(caller, (ret_id & U32, 4)):
+            return INVALID_MEMORY_ACCESS
+        queue_id = self.vm.shared.resolve_queue(vm_id.decode("utf-8", "replace") or self.vm.vm_id, name)
+        if queue_id is None:
+            return NOT_FOUND
+        guest.write_u32(caller, ret_id & U32, queue_id)
+        return OK
+
+    def proxy_enqueue_shared_queue(self, caller, queue_id, data_ptr, data_size):
+        data = self.vm.guest.read(caller, data_ptr & U32, data_size & U32)
+        if data is None:
+            return INVALID_MEMORY_ACCESS
+        return self.vm.shared.enqueue(queue_id & U32, data)
+
+    def proxy_dequeue_shared_queue(self, caller, queue_id, ret_ptr, ret_size):
+        guest = self.vm.guest
+        if not guest.writable(caller, (ret_ptr & U32, 4), (ret_size & U32, 4)):
+            return INVALID_MEMORY_ACCESS
+        found = self.vm.shared.dequeue(queue_id & U32)
+        if isinstance(found, Status):
+            return found
+        return guest.give(caller, found, ret_ptr & U32, ret_size & U32)
+
+    def proxy_define_metric(self, caller, metric_type, name_ptr, name_size, ret_id):
+        guest = self.vm.guest
+        metric_type &= U32
+        name = guest.read(caller, name_ptr & U32, name_size & U32)
+        if name is None or not guest.writable(caller, (ret_id & U32, 4)):
+            return INVALID_MEMORY_ACCESS
+        if metric_type > MetricType.HISTOGRAM:
+            return BAD_ARGUMENT
+        guest.write_u32(caller, ret_id & U32, self.vm.shared.define_metric(metric_type, name))
+        return OK
+
+    def proxy_increment_metric(self, caller, metric_id, delta):
+        return self.vm.shared.increment_metric(metric_id & U32, delta)
+
+    def proxy_record_metric(self, caller, metric_id, value):
+        return self.vm.shared.record_metric(metric_id & U32, value & 0xFFFFFFFFFFFFFFFF)
+
+    def proxy_get_metric(self, caller, metric_id, ret_value):
+        guest = self.vm.guest
+        if not guest.writable(caller, (ret_value & U32, 8)):
+            return INVALID_MEMORY_ACCESS
+        found = self.vm.shared.get_metric(metric_id & U32)
+        if isinstance(found, Status):
+            return found
+        guest.write_u64(caller, ret_value & U32, found)
+        return OK
+
+    # -- env: emscripten extras ------------------------------------------------
+
+    def emscripten_notify_memory_growth(self, caller, index):
+        return None
+
+    def pthread_equal(self, caller, a, b):
+        return 1 if a == b else 0
+
+    # -- WASI ----------------------------------------------------------------
+
+    def wasi_args_sizes_get(self, caller, ret_count, ret_size):
+        guest = self.vm.guest
+        if not guest.writable(caller, (ret_count & U32, 4), (ret_size & U32, 4)):
+            return Errno.FAULT
+        guest.write_u32(caller, ret_count & U32, 0)
+        guest.write_u32(caller, ret_size & U32, 0)
+        return Errno.SUCCESS
+
+    def wasi_args_get(self, caller, argv, argv_buf):
+        return Errno.SUCCESS
+
+    wasi_environ_sizes_get = wasi_args_sizes_get
+    wasi_environ_get = wasi_args_get
+
+    def wasi_clock_res_get(self, caller, clock_id, ret):
+        if clock_id & U32 > 3:
+            return Errno.INVAL
+        return Errno.SUCCESS if self.vm.guest.write_u64(caller, ret & U32, 1000) else Errno.FAULT
+
+    _CLOCKS = (time.time_ns, time.monotonic_ns, time.process_time_ns, time.thread_time_ns)
+
+    def wasi_clock_time_get(self, caller, clock_id, precision, ret):
+        clock_id &= U32
+        if clock_id > 3:
+            return Errno.INVAL
+        now = self._CLOCKS[clock_id]()
+        return Errno.SUCCESS if self.vm.guest.write_u64(caller, ret & U32, now) else Errno.FAULT
+
+    def wasi_fd_write(self, caller, fd, iovs, iovs_len, ret_written):
+        fd &= U32
+        guest = self.vm.guest
+        raw = guest.read(caller, iovs & U32, 8 * (iovs_len & U32))
+        if raw is None:
+            return Errno.FAULT
+        chunks = []
+        for buf_ptr, buf_len in struct.iter_unpack("<II", raw):
+            data = guest.read(caller, buf_ptr, buf_len)
+            if data is None:
+                return Errno.FAULT
+            chunks.append(data)
+        data = b"".join(chunks)
+        if fd not in (1, 2):
+            return Errno.BADF
+        if not guest.write_u32(caller, ret_written & U32, len(data)):
+            return Errno.FAULT
+        pending = self.output[fd] + data
+        *lines, rest = pending.split(b"\n")
+        for line in lines:
+            self._emit(fd, line)
+        if len(rest) > _MAX_OUTPUT_LINE:
+            self._emit(fd, rest)
+            rest = b""
+        self.output[fd] = rest
+        return Errno.SUCCESS
+
+    def wasi_fd_read(self, caller, fd, iovs, iovs_len, ret_read):
+        if fd & U32 != 0:
+            return Errno.BADF
+        return Errno.SUCCESS if self.vm.guest.write_u32(caller, ret_read & U32, 0) else Errno.FAULT  # EOF
+
+    def wasi_fd_close(self, caller, fd):
+        return Errno.SUCCESS if fd & U32 <= 2 else Errno.BADF
+
+    def wasi_fd_fdstat_get(self, caller, fd, ret):
+        if fd & U32 > 2:
+            return Errno.BADF
+        return Errno.SUCCESS if self.vm.guest.write(caller, ret & U32, _FDSTAT_STDIO) else Errno.FAULT
+
+    def wasi_fd_fdstat_set_flags(self, caller, fd, flags):
+        return Errno.SUCCESS if fd & U32 <= 2 else Errno.BADF
+
+    def wasi_fd_prestat_get(self, caller, fd, ret):
+        return Errno.BADF  # no preopened directories
+
+    def wasi_fd_prestat_dir_name(self, caller, fd, path, path_len):
+        return Errno.BADF
+
+    def wasi_fd_seek(self, caller, fd, offset, whence, ret):
+        return Errno.SPIPE if fd & U32 <= 2 else Errno.BADF
+
+    def wasi_poll_oneoff(self, caller, subs, events, nsubs, ret_nevents):
+        """Every subscription fires at once: a worker must not sleep inside a filter."""
+        nsubs &= U32
+        if nsubs == 0:
+            return Errno.INVAL
+        guest = self.vm.guest
+        raw = guest.read(caller, subs & U32, 48 * nsubs)
+        if raw is None or not guest.writable(caller, (events & U32, 32 * nsubs), (ret_nevents & U32, 4)):
+            return Errno.FAULT
+        out = b"".join(
+            struct.pack("<QHB5xQH6x", *struct.unpack_from("<Q", raw, 48 * i), 0, raw[48 * i + 8], 0, 0)
+            for i in range(nsubs)
+        )
+        guest.write(caller, events & U32, out)
+        guest.write_u32(caller, ret_nevents & U32, nsubs)
+        return Errno.SUCCESS
+
+    def wasi_proc_exit(self, caller, code):
+        raise GuestExit(code & U32)
+
+    def wasi_proc_raise(self, caller, signal):
+        raise GuestAbort(f"proc_raise({signal & U32})")
+
+    def wasi_sched_yield(self, caller):
+        return Errno.SUCCESS
+
+    def wasi_random_get(self, caller, buf, size):
+        size &= U32
+        if not self.vm.guest.writable(caller, (buf & U32, size)):
+            return Errno.FAULT
+        self.vm.guest.write(caller, buf & U32, os.urandom(size))
+        return Errno.SUCCESS

@@ -1,0 +1,207 @@
+"""The per-worker wasm runtime: VMs per module, rebuilds, ticks, streams.
+
+Theory of operation:
+- Built in the worker after fork from the master's `Compiled` (never
+  compiles).  `start(filters)` turns every distinct FilterRef into a Plugin
+  (module, effective root_id, effective config), starts the epoch ticker,
+  and boots one VM per module that has plugins; any boot failure raises
+  WasmBootError and the worker should exit as "failed to boot".
+- A module's VM that traps is discarded; `ModuleState` decides when to build
+  the next one: immediately after the first failure of a VM that served for
+  HEALTHY_AFTER seconds, otherwise after a backoff doubling from
+  REBUILD_DELAY_MIN up to REBUILD_DELAY_MAX (a crash-looping filter cannot
+  eat the worker).  The rebuild happens lazily, when a stream needs the
+  module, or from `tick()`.  Until then its filters are unavailable
+  (500 or skipped, per on_error).
+- `tick(now)` (now = time.monotonic()) performs due rebuilds, fires
+  proxy_on_tick for root contexts that set a tick period, delivers
+  proxy_on_queue_ready, and returns the next monotonic deadline (or None).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..conf.model import FilterRef, Wasm
+from ..log import ErrorLog
+from .filter import Stream, StreamInfo
+from .shared import LocalShared
+from .vm import VM, Compiled, CompiledModule, Plugin, VMFailed, WasmBootError
+
+HEALTHY_AFTER = 10.0  # seconds a VM must serve before its next failure rebuilds at once
+REBUILD_DELAY_MIN = 0.1
+REBUILD_DELAY_MAX = 30.0
+MAX_CACHED_CHAINS = 1024
+
+
+class ModuleState:
+    """One module in this worker: its plugins, its current VM, its failure history."""
+
+    def __init__(self, runtime: "Runtime", module: CompiledModule):
+        self.runtime = runtime
+        self.module = module
+        self.plugins: list[Plugin] = []
+        self.vm: VM | None = None
+        self.failures = 0  # consecutive, for the backoff
+        self.booted_at = 0.0
+        self.retry_at: float | None = None
+        self.rebuilds = 0
+
+    def _new_vm(self) -> VM:
+        rt = self.runtime
+        vm = VM(self.module, rt.compiled, rt.wasm, rt.log, rt.shared, self._failed)
+        vm.boot(self.plugins)
+        return vm
+
+    def boot(self) -> None:
+        self.vm = self._new_vm()
+        self.booted_at = time.monotonic()
+
+    def _failed(self, vm: VM) -> None:
+        self._schedule(time.monotonic())
+
+    def _schedule(self, now: float) -> None:
+        if now - self.booted_at >= HEALTHY_AFTER:
+            self.failures = 0
+        self.failures += 1
+        delay = 0.0 if self.failures == 1 else min(REBUILD_DELAY_MIN * 2 ** (self.failures - 2), REBUILD_DELAY_MAX)
+        self.retry_at = now + delay
+
+    def ready(self, now: float) -> VM | None:
+        """The VM to use now, rebuilding it if it failed and the backoff allows."""
+        vm = self.vm
+        if vm is not None and not vm.failed:
+            return vm
+        if self.retry_at is not None and now >= self.retry_at:
+            return self.rebuild(now)
+        return None
+
+    def rebuild(self, now: float) -> VM | None:
+        self.retry_at = None
+        self.vm = None
+        log = self.runtime.log
+        try:
+            vm = self._new_vm()
+        except WasmBootError as err:
+            self._schedule(now)
+            log.error(f"{err}; next VM rebuild in {self.retry_at - now:g}s")
+            return None
+        self.vm = vm
+        self.booted_at = now
+        self.rebuilds += 1
+        log.notice(f"{self.module.label}: VM rebuilt after a failure (rebuild #{self.rebuilds})")
+        return vm
+
+
+class Runtime:
+    """Everything wasm in one worker process."""
+
+    def __init__(self, wasm: Wasm, compiled: Compiled, log: ErrorLog):
+        self.wasm = wasm
+        self.compiled = compiled
+        self.log = log
+        self.shared = LocalShared()
+        self.states: dict[str, ModuleState] = {}
+        self.plugins: dict[tuple, Plugin] = {}
+        self.chains: dict[int, tuple[list, list]] = {}
+        self.started = False
+
+    def _plugin(self, ref: FilterRef) -> Plugin:
+        module = self.wasm.modules.get(ref.module)
+        if module is None or module.name not in self.compiled.modules:
+            raise WasmBootError(f'unknown wasm module "{ref.module}" in {ref.where or "proxy_wasm"}')
+        key = self._key(ref)
+        plugin = self.plugins.get(key)
+        if plugin is None:
+            plugin = Plugin(module, key[1], key[2])
+            state = self.states.get(module.name)
+            if state is None:
+                state = self.states[module.name] = ModuleState(self, self.compiled.modules[module.name])
+            plugin.state = state
+            state.plugins.append(plugin)
+            self.plugins[key] = plugin
+        return plugin
+
+    def start(self, filters: list[FilterRef]) -> None:
+        """Boot one VM per module used by `filters`; WasmBootError if any fails."""
+        for ref in filters:
+            self._plugin(ref)
+        if not self.started:
+            self.started = True
+            self.compiled.ticker.acquire()
+        for state in self.states.values():
+            if state.vm is None:
+                state.boot()
+
+    def close(self) -> None:
+        """Worker exit: root contexts get proxy_on_done/proxy_on_delete, then the VMs go."""
+        for state in self.states.values():
+            vm, state.vm, state.retry_at = state.vm, None, None
+            if vm is not None and not vm.failed:
+                vm.on_failure = lambda vm: None  # no rebuild while closing
+                vm.shutdown()
+        if self.started:
+            self.started = False
+            self.compiled.ticker.release()
+
+    def stream(self, filters: list[FilterRef], info: StreamInfo) -> Stream:
+        """A Stream for one request through `filters` (resolved once per conf list)."""
+        cached = self.chains.get(id(filters))
+        if cached is None or cached[0] is not filters:
+            if len(self.chains) >= MAX_CACHED_CHAINS:  # lists built per request must not pile up
+                self.chains.clear()
+            cached = self.chains[id(filters)] = (filters, self._chain(filters))
+        return Stream(cached[1], info, self.log)
+
+    def _chain(self, filters: list[FilterRef]) -> list[tuple[Plugin, bool]]:
+        chain = []
+        for ref in filters:
+            plugin = self.plugins.get(self._key(ref))
+            if plugin is None:
+                raise LookupError(f'wasm filter "{ref.module}" was not passed to Runtime.start()')
+            chain.append((plugin, ref.on_error != "continue"))
+        return chain
+
+    def _key(self, ref: FilterRef) -> tuple:
+        """(module, effective root_id, effective config): one root context per key."""
+        module = self.wasm.modules.get(ref.module)
+        if module is None:
+            return (ref.module, ref.root_id, ref.config)
+        root_id = ref.root_id if ref.root_id is not None else (module.root_id if module.root_id is not None else module.name)
+        return (module.name, root_id, ref.config or module.default_config)
+
+    def tick(self, now: float) -> float | None:
+        """Due rebuilds, proxy_on_tick, proxy_on_queue_ready; returns the next deadline."""
+        for state in self.states.values():
+            vm = state.ready(now)
+            if vm is None:
+                continue
+            for root in list(vm.roots.values()):
+                if root.next_tick is None or now < root.next_tick or vm.failed:
+                    continue
+                root.next_tick = now + root.tick_period
+                if vm.has("proxy_on_tick"):
+                    try:
+                        vm.invoke(root, "proxy_on_tick", root.id)
+                    except VMFailed:
+                        break
+        for queue in self.shared.take_ready():
+            owner = queue.owner
+            vm = owner.vm
+            if vm.failed or vm.roots.get(owner.plugin.key) is not owner or not vm.has("proxy_on_queue_ready"):
+                continue
+            try:
+                vm.invoke(owner, "proxy_on_queue_ready", owner.id, queue.id)
+            except VMFailed:
+                pass
+        deadlines = []
+        for state in self.states.values():
+            vm = state.vm
+            if vm is None or vm.failed:
+                if state.retry_at is not None:
+                    deadlines.append(state.retry_at)
+                continue
+            deadlines.extend(root.next_tick for root in vm.roots.values() if root.next_tick is not None)
+        if self.shared.ready:
+            deadlines.append(now)
+        return min(deadlines) if deadlines else None
