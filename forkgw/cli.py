@@ -76,6 +76,10 @@ def send_signal(args) -> int:
     except ConfError as err:
         eprint(f"[emerg] {err}")
         return 1
+    if args.s == "reload":
+        outcome = reload_over_control(config)
+        if outcome is not None:
+            return outcome
     try:
         with open(config.pid) as f:
             pid = int(f.read().strip())
@@ -88,6 +92,40 @@ def send_signal(args) -> int:
         eprint(f"[error] kill({pid}, {SIGNALS[args.s]}) failed (3: No such process)")
         return 1
     return 0
+
+
+def reload_over_control(config) -> int | None:
+    """Ask the master to reload and wait for its answer; None if it has no control socket."""
+    import socket
+
+    from forkgw.master import control_path
+
+    path = control_path(config)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5.0)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None  # an older master, or none: fall back to the signal
+    with sock:
+        sock.sendall(b"reload\n")
+        sock.settimeout(config.worker_shutdown_timeout + 60.0)
+        reply = b""
+        try:
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        except OSError as err:
+            eprint(f"[error] no answer from the master on {path} ({err})")
+            return 1
+    text = reply.decode("utf-8", "replace").strip()
+    if text.startswith("ok"):
+        return 0
+    eprint(f"[emerg] {text[6:] if text.startswith('error ') else text or 'the master closed the control socket'}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import time
+from struct import pack_into
 import traceback
 
 from setproctitle import setproctitle
@@ -101,7 +102,7 @@ class LocationPlan:
 
 class Worker:
     def __init__(self, config: Config, listeners: dict, compiled, channel: socket.socket,
-                 log: ErrorLog, generation: int):
+                 log: ErrorLog, generation: int, heartbeat: tuple | None = None):
         self.config = config
         self.http = config.http
         self.listeners = listeners  # Listen.key -> socket
@@ -131,6 +132,9 @@ class Worker:
         self._access_logs: dict[str, AccessLog] = {}
         self._defaults: dict = {}
         self.runtime = None
+        self.heartbeat, slot = heartbeat if heartbeat else (bytearray(8), 0)
+        self.heartbeat_offset = 8 * slot
+        self.wasm_deadline: float | None = None  # when the filters next want ticks/rebuilds
 
     # -- boot ------------------------------------------------------------------------
 
@@ -149,6 +153,14 @@ class Worker:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
             except (ValueError, OSError) as err:
                 self.log.alert(f"setrlimit(RLIMIT_NOFILE, {limit}) failed ({err})")
+        for settings in all_settings(self.config):
+            self.plan(settings)  # opens the access logs while we may still be root
+        try:
+            drop_privileges(self.config, self.log)
+        except (KeyError, OSError) as err:
+            self.log.emerg(f"cannot switch to user \"{self.config.user}\" ({err})")
+            self.tell_master(f"fatal cannot switch to user {self.config.user}: {err}")
+            os._exit(EXIT_BOOT_FAILED)
         self.channel.setblocking(False)
         self.selector.register(self.channel, selectors.EVENT_READ, self.on_channel)
         filters = all_filters(self.config)
@@ -162,9 +174,11 @@ class Worker:
                 self.log.emerg(str(err))
                 self.tell_master(f"fatal {err}")
                 os._exit(EXIT_BOOT_FAILED)
+            self.wasm_deadline = self.runtime.tick(time.monotonic())
         for key, sock in self.listeners.items():
             self.selector.register(sock, selectors.EVENT_READ, self.acceptor(sock, key))
         self.accepting = True
+        pack_into("d", self.heartbeat, self.heartbeat_offset, time.monotonic())
         self.tell_master("ready")
 
     def tell_master(self, message: str) -> None:
@@ -184,8 +198,11 @@ class Worker:
             timeout = min(next_flush - now, HEARTBEAT)
             if timers:
                 timeout = min(timeout, timers[0][0] - now)
+            if self.wasm_deadline is not None:
+                timeout = min(timeout, self.wasm_deadline - now)
             events = selector.select(max(timeout, 0))
             self.now = now = time.monotonic()
+            pack_into("d", self.heartbeat, self.heartbeat_offset, now)
             for key, mask in events:
                 try:
                     key.data(mask)
@@ -206,7 +223,11 @@ class Worker:
                         obj.on_timeout()
                     except Exception:
                         self.handler_failed(obj.on_timeout)
+            if self.wasm_deadline is not None and now >= self.wasm_deadline:
+                self.wasm_deadline = self.runtime.tick(now)
             if now >= next_flush:
+                if self.runtime is not None:  # picks up tick periods set during requests
+                    self.wasm_deadline = self.runtime.tick(now)
                 next_flush = now + ACCESS_LOG_FLUSH
                 self.flush_logs()
                 if not self.accepting and not self.draining and now >= self.accept_resume:
@@ -431,27 +452,51 @@ class Worker:
             log.flush()
 
     def exit(self) -> None:
-        self.flush_logs()
         for conn in list(self.connections):
             conn.close()
+        if self.runtime is not None:
+            self.runtime.close()
+        self.flush_logs()
         sys.stdout.flush()
         os._exit(0)
+
+
+def all_settings(config: Config):
+    """Every Settings of the conf: each server's and each location's, nested ones too."""
+
+    def walk(locations):
+        for location in locations:
+            yield location.settings
+            yield from walk(location.locations)
+
+    for server in config.http.servers if config.http else []:
+        yield server.settings
+        yield from walk(server.locations)
 
 
 def all_filters(config: Config) -> list:
     """Every distinct proxy_wasm line of the conf, in the order they first appear."""
     seen: dict[tuple, object] = {}
-
-    def visit(settings: Settings) -> None:
+    for settings in all_settings(config):
         for ref in settings.filters:
             seen.setdefault((ref.module, ref.config, ref.root_id, ref.on_error), ref)
-
-    def walk(locations) -> None:
-        for location in locations:
-            visit(location.settings)
-            walk(location.locations)
-
-    for server in config.http.servers if config.http else []:
-        visit(server.settings)
-        walk(server.locations)
     return list(seen.values())
+
+
+def drop_privileges(config: Config, log: ErrorLog) -> None:
+    """`user`: workers of a master started as root run as that user, as nginx's do."""
+    if not config.user:
+        return
+    if os.geteuid() != 0:
+        log.warn('the "user" directive makes sense only if the master process runs with '
+                 'super-user privileges, ignored')
+        return
+    import grp
+    import pwd
+
+    entry = pwd.getpwnam(config.user)
+    gid = grp.getgrnam(config.group).gr_gid if config.group else entry.pw_gid
+    os.setgroups([])
+    os.initgroups(config.user, gid)
+    os.setgid(gid)
+    os.setuid(entry.pw_uid)

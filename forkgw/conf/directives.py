@@ -79,6 +79,11 @@ DIRECTIVES: tuple[Directive, ...] = (
        "time", "30s",
        "How long a draining worker may finish in-flight requests before it is stopped.",
        "worker_shutdown_timeout 10s;"),
+    _d("worker_watchdog_timeout", [MAIN], (1, 1), v.time_value, SET, "worker_watchdog_timeout",
+       "time", "10s",
+       "A worker whose loop has not turned for this long (stopped, or stuck outside the filters' "
+       "time limit) is killed and replaced; its heartbeat lives in memory shared with the master.",
+       "worker_watchdog_timeout 5s;"),
     _d("pid", [MAIN], (1, 1), v.path_value, SET, "pid",
        "file", "logs/forkgw.pid",
        "File the master writes its process id to; relative paths resolve against the prefix.",

@@ -147,6 +147,7 @@ class Config:
     worker_cpu_affinity: str | None = None  # "auto" or space-separated masks
     worker_rlimit_nofile: int | None = None
     worker_shutdown_timeout: float = 30.0
+    worker_watchdog_timeout: float = 10.0
     pid: str = ""  # absolute path
     error_log: tuple[str, str] = ("logs/error.log", "error")  # (absolute path or "stderr", level)
     user: str | None = None

@@ -218,3 +218,16 @@ def test_process_titles(gateway):
     workers = subprocess.run(["ps", "-o", "args=", "--ppid", str(gateway.proc.pid)], capture_output=True,
                              text=True).stdout.split("\n")
     assert sum(line.strip() == "forkgw: worker process" for line in workers) == 2
+
+
+def test_stopped_worker_is_replaced_by_the_watchdog(gateway):
+    gateway.start(SIMPLE.replace("http {", "worker_watchdog_timeout 1s;\nhttp {", 1), workers=2)
+    gateway.allowed_errors += [r"is not responding", r"exited on signal 9"]
+    pids = wait_for(lambda: len(gateway.worker_pids()) == 2 and gateway.worker_pids())
+    import os
+    os.kill(pids[0], signal.SIGSTOP)
+    new = wait_for(lambda: (p := gateway.worker_pids()) and len(p) == 2 and pids[0] not in p and p, timeout=8)
+    assert pids[1] in new
+    assert f"worker process {pids[0]} is not responding" in gateway.log_text()
+    for _ in range(10):
+        assert gateway.request("GET", "/exact")[0] == 200
