@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from forkgw.conf import load
+
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = ROOT / "plugins"
 
@@ -294,3 +296,36 @@ def upstream2():
     up = Upstream()
     yield up
     up.close()
+
+
+# -- conf files for the parser's unit tests ------------------------------------------
+
+
+class ConfDir:
+    """A temp prefix laid out like nginx's: PREFIX/conf/gw.conf, PREFIX/logs/..."""
+
+    def __init__(self, prefix: Path):
+        self.prefix = prefix
+        self.main = prefix / "conf" / "gw.conf"
+
+    def write(self, text: str, name: str = "conf/gw.conf") -> Path:
+        path = self.prefix / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def load(self, text: str, **kwargs):
+        self.write(text)
+        return load(str(self.main), **kwargs)
+
+    def http(self, text: str):
+        """Load `http { TEXT }` and return the Http."""
+        return self.load("http {\n" + text + "\n}\n").http
+
+    def where(self, line: int, name: str = "conf/gw.conf") -> str:
+        return f"{self.prefix / name}:{line}"
+
+
+@pytest.fixture
+def confdir(tmp_path) -> ConfDir:
+    return ConfDir(tmp_path)
