@@ -127,6 +127,7 @@ class Worker:
         self.shutdown_deadline = 0.0
         self.upstreams = self.http.upstreams if self.http else {}
         self._upstream_state: dict[str, tuple[Balancer, Pool]] = {}
+        self.callout_upstreams: dict = {}  # implicit upstreams for literal host:port callouts
         self._plans: dict[int, LocationPlan] = {}
         self._templates: dict[str, Template] = {}
         self._access_logs: dict[str, AccessLog] = {}

@@ -41,6 +41,7 @@ MAX_DISCARD = 1024 * 1024  # body bytes read and dropped after answering, before
 
 # Response headers an upstream sends that nginx replaces with its own by default.
 REPLACED_BY_GATEWAY = frozenset({b"server", b"date"})
+NO_BODY_STATUSES = frozenset({204, 304})
 
 
 def headers_too_large(headers, number: int, size: int) -> bool:
@@ -436,40 +437,47 @@ class ClientConnection:
     def respond(self, status: int, headers: list, body: bytes, filters: bool = True) -> None:
         """A whole answer made here (return, error page, local reply): head, body, end."""
         headers.append((b"Content-Length", str(len(body)).encode()))
-        if not self.send_response_head(status, headers, proxied=False, filters=filters):
+        if not self.send_response_head(status, headers, proxied=False, filters=filters,
+                                       end_of_stream=not body or self.is_head):
             return
-        if body and not self.is_head and status not in (204, 304):
-            self.send_body(body)
+        self.send_body(body)
         self.end_response()
 
-    def send_response_head(self, status: int, headers: list, proxied: bool, filters: bool = True) -> bool:
-        """The header-filter phase, then the head on the wire. False: answered otherwise."""
+    def send_response_head(self, status: int, headers: list, proxied: bool, filters: bool = True,
+                           end_of_stream: bool = False) -> bool:
+        """The header-filter phase, then the head on the wire. False: answered otherwise.
+
+        Server and Date go in first, so filters see them and may change or remove them;
+        an upstream's own Server and Date give way to ours, as in nginx.
+        """
         if self.closed or self.head_sent:
             return False
         settings = self.settings
+        head = [(b"Server", self.worker.server_tokens(settings)), (b"Date", self.worker.date.now())]
         if proxied:
-            headers = [h for h in headers if h[0] not in REPLACED_BY_GATEWAY]
+            head.extend(h for h in headers if h[0] not in REPLACED_BY_GATEWAY)
+        else:
+            head.extend(headers)
         if settings.add_header:
             for add in settings.add_header:
                 if add.always or status in ADD_HEADER_STATUSES:
-                    headers.append((add.name.lower().encode("latin-1"), add.value.encode("latin-1")))
+                    head.append((add.name.encode("latin-1"), add.value.encode("latin-1")))
         if filters and self.stream is not None:
             self.state.status = status
-            reply = self.stream.on_response_headers(status, headers, False)
+            reply = self.stream.on_response_headers(status, head, end_of_stream)
             if reply is not None:
                 if self.proxy is not None:
                     self.proxy.cancel()
                     self.proxy = None
-                self.stream_done()
                 self.send_local_reply(reply)
                 return False
-            status, headers = self.stream.status, self.stream.response_headers
+            status, head = self.stream.status, self.stream.response_headers
+        if status in NO_BODY_STATUSES:
+            head = [h for h in head if h[0].lower() not in (b"content-length", b"transfer-encoding")]
         self.head_sent = True
         self.response_status = status
         self.state.status = status
-        self.state.response_headers = headers
-        head = [(b"Server", self.worker.server_tokens(settings)), (b"Date", self.worker.date.now())]
-        head.extend(headers)
+        self.state.response_headers = head
         if not self.keepalive:
             head.append((b"Connection", b"close"))
         try:
@@ -489,9 +497,7 @@ class ClientConnection:
         return True
 
     def send_body(self, data: bytes) -> None:
-        if self.closed or not data:
-            return
-        if self.is_head:
+        if self.closed or not data or self.is_head or self.response_status in NO_BODY_STATUSES:
             return
         try:
             out = self.h11.send(h11.Data(data=data))

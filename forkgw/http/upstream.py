@@ -445,7 +445,9 @@ class ProxyRequest:
         self.balancer.succeeded(conn.peer)
         self.statuses.append(str(event.status_code))
         headers = end_to_end(event.headers)
-        self.client.send_response_head(event.status_code, headers, proxied=True)
+        bodiless = self.request.method == b"HEAD" or event.status_code in (204, 304) or \
+            (b"content-length", b"0") in headers
+        self.client.send_response_head(event.status_code, headers, proxied=True, end_of_stream=bodiless)
 
     def response_end(self, conn: UpstreamConnection) -> None:
         self.times.append(f"{self.worker.now - self.attempt_start:.3f}")

@@ -9,9 +9,12 @@ Theory of operation:
   Kong's ngx_wasm_module run the chain in order for every phase, and forkgw
   is nginx-shaped, so we follow Kong.
 - Header maps are lists of (name, value) bytes pairs, names lower-case,
-  pseudo-headers first.  The request map carries :method, :path, :authority,
-  :scheme; the response map carries :status, which the worker gets back as
-  `stream.status` (stream.response_headers never contains pseudo-headers).
+  pseudo-headers first.  Names are lowered on the way in: the worker's own
+  heads (`return`, error pages) say "Content-Type", and a filter asking for
+  "content-type" must find it.  The request map carries :method, :path,
+  :authority, :scheme; the response map carries :status, which the worker
+  gets back as `stream.status` (stream.response_headers never contains
+  pseudo-headers).
 - A filter that calls proxy_send_local_response ends the phase: the reply is
   returned whatever the callback returned, later filters are not called.
   One local reply per stream: a second one is ignored (answered OK, logged).
@@ -93,7 +96,7 @@ class Stream:
     # -- phases ---------------------------------------------------------------
 
     def on_request_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> LocalReply | None:
-        self.request_headers = list(headers)
+        self.request_headers = [(name.lower(), value) for name, value in headers]
         self.request_seen = True
         if not self.chain:
             return None
@@ -108,7 +111,7 @@ class Stream:
         if not self.chain:
             self.response_headers = list(headers)
             return None
-        self.response_map = [(b":status", str(status).encode())] + list(headers)
+        self.response_map = [(b":status", str(status).encode())] + [(name.lower(), value) for name, value in headers]
         reply = self._run(ON_RESPONSE_HEADERS, self.response_map, end_of_stream)
         self._read_back_response()
         return reply

@@ -3,7 +3,7 @@
 Theory of operation:
 - Built in the worker after fork from the master's `Compiled` (never
   compiles).  `start(filters)` turns every distinct FilterRef into a Plugin
-  (module, effective root_id, effective config), starts the epoch ticker,
+  (module, effective root_id, config), starts the epoch ticker,
   and boots one VM per module that has plugins; any boot failure raises
   WasmBootError and the worker should exit as "failed to boot".
 - A module's VM that traps is discarded; `ModuleState` decides when to build
@@ -163,12 +163,17 @@ class Runtime:
         return chain
 
     def _key(self, ref: FilterRef) -> tuple:
-        """(module, effective root_id, effective config): one root context per key."""
+        """(module, effective root_id, config): one root context per key.
+
+        `ref.config` is final: the conf parser already put the module's default
+        in place of a missing config, so an explicit '' stays empty (the filter
+        sees no configuration) instead of turning back into the default.
+        """
         module = self.wasm.modules.get(ref.module)
         if module is None:
             return (ref.module, ref.root_id, ref.config)
         root_id = ref.root_id if ref.root_id is not None else (module.root_id if module.root_id is not None else module.name)
-        return (module.name, root_id, ref.config or module.default_config)
+        return (module.name, root_id, ref.config)
 
     def tick(self, now: float) -> float | None:
         """Due rebuilds, proxy_on_tick, proxy_on_queue_ready; returns the next deadline."""

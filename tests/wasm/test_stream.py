@@ -109,14 +109,17 @@ def test_one_root_context_per_distinct_plugin_and_one_vm_start_per_vm(h):
     assert rt.states["f"].vm.roots[("f", "f", "xyz")].id == 2
 
 
-def test_default_config_is_used_when_the_filter_gives_none(h):
+def test_the_config_of_the_filter_ref_is_final(h):
+    """The parser resolves the plugin.yaml default; an explicit '' must stay empty, not fall back."""
     w = Wat()
     configure = on("proxy_on_configure", "(drop (call $proxy_get_buffer_bytes (i32.const 7) (i32.const 0) (i32.const -1) (i32.const 16) (i32.const 20)))"
-                   f" (call $log_ret {w.s('cfg')})")
+                   f" (call $log_num {w.s('size')} (local.get 1)) (call $log_ret {w.s('cfg')})")
     rt = h.runtime(w.build(configure), start=False)
     rt.wasm.modules["f"].default_config = "from-plugin-yaml"
-    rt.start([FilterRef(module="f"), FilterRef(module="f", config="explicit")])
-    assert "cfg:from-plugin-yaml" in h.guest_lines() and "cfg:explicit" in h.guest_lines()
+    rt.start([FilterRef(module="f", config=""), FilterRef(module="f", config="explicit")])
+    lines = h.guest_lines()
+    assert "cfg:explicit" in lines and "size=0" in lines
+    assert not any("from-plugin-yaml" in line for line in lines)
 
 
 def test_empty_chain_passes_headers_through(h):
@@ -154,3 +157,18 @@ def test_close_finishes_root_contexts(h):
     assert h.guest_lines()[-2:] == ["done=1", "delete=1"]
     rt.close()  # idempotent
     assert h.guest_lines()[-2:] == ["done=1", "delete=1"]
+
+
+def test_header_names_from_the_worker_are_lowered_for_the_filters(h):
+    """The worker's own heads say "Content-Type"; a filter asking for "content-type" must find it."""
+    w = Wat()
+    code = (f"(call $log_num {w.s('st')} (call $proxy_get_header_map_value (i32.const 2) {w.s('content-type')}"
+            f" (i32.const 16) (i32.const 20))) (call $log_ret {w.s('type')})")
+    rt = h.runtime(w.build(on("proxy_on_response_headers", code)))
+    stream = rt.stream(rt.filters, info())
+    stream.on_request_headers([(b":method", b"GET"), (b":path", b"/"), (b"X-Mixed", b"1")], True)
+    assert stream.on_response_headers(200, [(b"Content-Type", b"text/plain")], False) is None
+    stream.finish()
+    assert "st=0" in h.guest_lines() and "type:text/plain" in h.guest_lines()
+    assert stream.request_headers[-1] == (b"x-mixed", b"1")
+    assert stream.response_headers == [(b"content-type", b"text/plain")]
