@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+from functools import partial
 import itertools
 import os
 import resource
@@ -37,6 +38,7 @@ import traceback
 from setproctitle import setproctitle
 
 from forkgw.conf.model import Config, Settings
+from forkgw.http.callout import dispatch as dispatch_callout
 from forkgw.http.client import ClientConnection
 from forkgw.http.messages import HttpDate, server_header
 from forkgw.http.upstream import Balancer, Pool
@@ -169,6 +171,8 @@ class Worker:
             from forkgw.wasm import Runtime, WasmBootError
 
             self.runtime = Runtime(self.config.wasm, self.compiled, self.log)
+            # proxy_http_call: (target, headers, body, timeout_s, on_done) -> bool, on this loop
+            self.runtime.http_dispatcher = partial(dispatch_callout, self)
             try:
                 self.runtime.start(filters)
             except WasmBootError as err:

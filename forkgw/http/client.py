@@ -35,6 +35,7 @@ from forkgw.http.messages import (
 )
 from forkgw.http.upstream import HIGH_WATER, READ_SIZE, ProxyRequest
 from forkgw.routing import proxy_uri
+from forkgw.wasm.filter import PAUSED, LocalReply
 
 LINGER_TIME = 2.0
 MAX_DISCARD = 1024 * 1024  # body bytes read and dropped after answering, before giving up
@@ -120,7 +121,7 @@ class ClientConnection:
                  "server_port", "listen_key", "h11", "out", "events", "closed", "deadline",
                  "timer_at", "timer_queued", "state", "proxy", "stream", "settings", "requests",
                  "read_paused", "on_drained", "keepalive", "head_sent", "phase", "discarded",
-                 "is_head", "response_status", "pipelined", "last_read")
+                 "is_head", "response_status", "pipelined", "last_read", "held", "held_body", "body_filter")
 
     def __init__(self, worker, sock: socket.socket, addr, listen_key, conn_id: int):
         self.worker = worker
@@ -152,6 +153,9 @@ class ClientConnection:
         self.response_status = 0
         self.pipelined = False
         self.last_read = 0
+        self.held = None  # (location, request, headers, host) while filters read the request body
+        self.held_body = bytearray()
+        self.body_filter = False
         self.want(selectors.EVENT_READ)
         worker.set_deadline(self, self.settings.client_header_timeout)
 
@@ -262,6 +266,7 @@ class ClientConnection:
         self.head_sent = False
         self.discarded = 0
         self.response_status = 0
+        self.body_filter = False
         state = self.state = RequestState(self, request)
         self.is_head = request.method == b"HEAD"
         host = b""
@@ -311,22 +316,64 @@ class ClientConnection:
             self.keepalive = False
             self.respond_error(413)
             return
-        headers = request.headers
-        if settings.filters:
-            pseudo = [(b":method", request.method), (b":path", request.target),
-                      (b":authority", host), (b":scheme", b"http")]
-            self.stream = worker.wasm_stream(settings.filters, self, state)
-            reply = self.stream.on_request_headers(pseudo + list(headers), not has_body)
-            if reply is not None:
-                self.send_local_reply(reply)
-                return
-            request, headers, host = self.apply_request_changes(request)
+        if not settings.filters:
+            self.dispatch(location, request, request.headers, host, has_body)
+            return
+        pseudo = [(b":method", request.method), (b":path", request.target),
+                  (b":authority", host), (b":scheme", b"http")]
+        self.stream = worker.wasm_stream(settings.filters, self, state)
+        reply = self.stream.on_request_headers(pseudo + list(request.headers), not has_body)
+        if reply is PAUSED:
+            self.wait_for_filters(location, request, has_body)
+        elif reply is not None:
+            self.send_local_reply(reply)
+        else:
+            self.request_filtered(location, request, has_body)
+
+    def request_filtered(self, location, request: h11.Request, has_body: bool) -> None:
+        """The request-phase filters let it through: answer, or first read the body they want."""
+        request, headers, host = self.apply_request_changes(request)
+        if has_body and self.stream.wants_request_body:
+            # nginx buffers request bodies before proxying by default; here it lets the
+            # filters see (and change) the whole body before anything is answered.
+            self.held = (location, request, headers, host)
+            self.held_body = bytearray()
+            self.worker.set_deadline(self, self.settings.client_body_timeout)
+            return
+        self.dispatch(location, request, headers, host, has_body)
+
+    def dispatch(self, location, request, headers, host, has_body: bool, body: bytes | None = None) -> None:
+        """The content phase: `return`, or `proxy_pass` (with a body held for filters, if any)."""
         if location.ret is not None:
             self.respond_return(location.ret)
         elif location.proxy_pass is not None:
             self.start_proxy(location, request, headers, host, has_body)
+            if body is not None and self.proxy is not None:
+                self.proxy.body_data(body)
+                self.proxy.body_end()
         else:
             self.respond_error(404)
+
+    def wait_for_filters(self, location, request: h11.Request, has_body: bool) -> None:
+        """A filter paused the request (a callout, say): hold it, bounded by client_header_timeout."""
+        self.phase = "paused"
+        self.pause_reading()
+        self.worker.set_deadline(self, self.settings.client_header_timeout)
+
+        def resumed(reply) -> None:
+            if self.closed or self.stream is None or self.phase != "paused":
+                return
+            self.resume_reading()
+            self.phase = "body" if has_body else "wait"
+            self.deadline = None
+            if reply is not None:
+                self.send_local_reply(reply)
+            else:
+                self.request_filtered(location, request, has_body)
+            if not self.closed:
+                self.process()  # body bytes that waited in h11's buffer
+
+        self.stream.on_resume = resumed
 
     def apply_request_changes(self, request: h11.Request):
         """Rebuild the request from the map the request-phase filters left behind."""
@@ -345,8 +392,10 @@ class ClientConnection:
             normalized = self.worker.normalize(target)
             if normalized is not None:
                 self.state.path, self.state.query = normalized
-        rebuilt = h11.Request(method=method, target=target, headers=[(b"host", host)] + [
-            h for h in headers if h[0] != b"host"] if host else headers, http_version=request.http_version)
+        if self.stream.wants_request_body:
+            # The body reaches the upstream whole, with its final length (see request_end).
+            headers = [h for h in headers if h[0] not in (b"content-length", b"transfer-encoding")]
+        rebuilt = h11.Request(method=method, target=target, headers=headers, http_version=request.http_version)
         return rebuilt, headers, host
 
     def start_proxy(self, location, request, headers, host, has_body: bool) -> None:
@@ -386,7 +435,9 @@ class ClientConnection:
                                   f"{state.request_length} bytes, client: {self.remote_addr}")
             self.respond_error(413)
             return
-        if self.proxy is not None and not self.proxy.done:
+        if self.held is not None:
+            self.filter_request_body(data, False)
+        elif self.proxy is not None and not self.proxy.done:
             self.proxy.body_data(data)
             self.worker.set_deadline(self, self.settings.client_body_timeout)
         else:
@@ -395,7 +446,29 @@ class ClientConnection:
                 self.keepalive = False
                 self.close()
 
+    def filter_request_body(self, data: bytes, end: bool) -> None:
+        out = self.stream.on_request_body(data, end)
+        if isinstance(out, LocalReply):
+            self.held = None
+            self.keepalive = False
+            self.send_local_reply(out)
+            return
+        self.held_body += out
+        if not end:
+            self.worker.set_deadline(self, self.settings.client_body_timeout)
+            return
+        (location, request, headers, host), self.held = self.held, None
+        body = bytes(self.held_body)
+        self.held_body = bytearray()
+        headers = headers + [(b"content-length", str(len(body)).encode())]
+        self.phase = "wait"
+        self.deadline = None
+        self.dispatch(location, request, headers, host, bool(body), body)
+
     def request_end(self) -> None:
+        if self.held is not None:
+            self.filter_request_body(b"", True)
+            return
         if self.proxy is not None and not self.proxy.done:
             self.proxy.body_end()
         if self.phase == "body":
@@ -472,7 +545,10 @@ class ClientConnection:
                 self.send_local_reply(reply)
                 return False
             status, head = self.stream.status, self.stream.response_headers
-        if status in NO_BODY_STATUSES:
+        self.body_filter = (self.stream is not None and filters and self.stream.wants_response_body
+                            and not self.is_head and status not in NO_BODY_STATUSES)
+        if status in NO_BODY_STATUSES or self.body_filter:
+            # A filtered body may change length: it goes out chunked (close-delimited to 1.0).
             head = [h for h in head if h[0].lower() not in (b"content-length", b"transfer-encoding")]
         self.head_sent = True
         self.response_status = status
@@ -496,7 +572,9 @@ class ClientConnection:
         self.out += data
         return True
 
-    def send_body(self, data: bytes) -> None:
+    def send_body(self, data: bytes, end: bool = False) -> None:
+        if self.body_filter and self.stream is not None:
+            data = self.filter_response_body(data, end)
         if self.closed or not data or self.is_head or self.response_status in NO_BODY_STATUSES:
             return
         try:
@@ -509,9 +587,23 @@ class ClientConnection:
         self.out += out
         self.flush()
 
+    def filter_response_body(self, data: bytes, end: bool) -> bytes:
+        out = self.stream.on_response_body(data, end)
+        if isinstance(out, LocalReply):
+            # The head is on the wire already: nothing to answer with but a cut connection.
+            self.worker.log.error(f"a filter answered {out.status} after the response head was sent, "
+                                  f"connection closed, client: {self.remote_addr}")
+            self.abort()
+            return b""
+        return out
+
     def end_response(self) -> None:
         if self.closed:
             return
+        if self.body_filter and self.stream is not None:
+            self.send_body(b"", end=True)
+            if self.closed:
+                return
         try:
             self.out += self.h11.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
@@ -607,7 +699,12 @@ class ClientConnection:
     # -- endings ------------------------------------------------------------------------
 
     def on_timeout(self) -> None:
-        if self.out:
+        if self.phase == "paused":
+            self.worker.log.error(f"filters did not resume the request in time, client: {self.remote_addr}")
+            self.keepalive = False
+            self.phase = "wait"
+            self.respond_error(504)
+        elif self.out:
             self.worker.log.info(f"client timed out (110: Connection timed out) while sending response "
                                  f"to client, client: {self.remote_addr}")
             self.abort()

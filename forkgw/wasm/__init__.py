@@ -20,8 +20,8 @@ Worker:  runtime = Runtime(conf.wasm, compiled, log); runtime.start(all_filter_r
          stream.finish()                                  # always, once the exchange is over
 """
 
-from .filter import LocalReply, Stream, StreamInfo
+from .filter import PAUSED, LocalReply, Stream, StreamInfo
 from .runtime import Runtime
 from .vm import Compiled, WasmBootError, compile_modules
 
-__all__ = ["compile_modules", "Compiled", "Runtime", "Stream", "StreamInfo", "LocalReply", "WasmBootError"]
+__all__ = ["PAUSED", "compile_modules", "Compiled", "Runtime", "Stream", "StreamInfo", "LocalReply", "WasmBootError"]

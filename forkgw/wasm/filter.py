@@ -59,6 +59,10 @@ class LocalReply:
 
 _DEAD = object()  # this filter is out of the stream (VM failed or unavailable)
 
+# on_request_headers' answer when a filter paused the request (e.g. for a callout):
+# the worker waits, and the stream calls `on_resume(LocalReply | None)` from the loop.
+PAUSED = object()
+
 ON_REQUEST_HEADERS = "proxy_on_request_headers"
 ON_RESPONSE_HEADERS = "proxy_on_response_headers"
 
@@ -92,6 +96,11 @@ class Stream:
         self.replied = False
         self.pending: LocalReply | None = None
         self.finished = False
+        # Body phases: set when a filter of the chain exports the callback (the worker then
+        # buffers the request body, and sends the response chunked); on_resume: see PAUSED.
+        self.wants_request_body = False
+        self.wants_response_body = False
+        self.on_resume = None
 
     # -- phases ---------------------------------------------------------------
 

@@ -1,0 +1,145 @@
+"""HTTP callouts: requests a filter makes (proxy_http_call), run on the worker's loop.
+
+A callout is a ProxyRequest whose "client" is a `Callout` collecting the
+response in memory instead of a socket writing it out, so callouts share the
+proxy's balancing, keep-alive pools, passive health and timeouts.  The target
+names an `upstream` block (Envoy's cluster model) or is a literal
+`host:port`; the whole exchange is bounded by the filter's timeout, and the
+filter hears back exactly once: a CalloutResult, or None on any failure.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import h11
+
+from forkgw.conf.model import Settings, Upstream, UpstreamServer
+from forkgw.http.upstream import ProxyRequest
+
+MAX_CALLOUT_BODY = 16 * 1024 * 1024
+
+
+@dataclass
+class CalloutResult:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+class Callout:
+    """Stands where a client connection stands for a ProxyRequest, and keeps the answer."""
+
+    closed = False
+    remote_addr = "callout"
+    state = None
+    on_drained = None
+
+    def __init__(self, worker, on_done: Callable[[CalloutResult | None], None]):
+        self.worker = worker
+        self.on_done = on_done
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.proxy: ProxyRequest | None = None
+        self.deadline = None
+        self.timer_at = 0.0
+        self.timer_queued = False
+
+    def finish(self, result: CalloutResult | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.deadline = None
+        callback, self.on_done = self.on_done, None
+        callback(result)
+
+    # what a ProxyRequest asks of its client
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def out_pending(self) -> int:
+        return 0
+
+    def send_response_head(self, status: int, headers, proxied: bool, end_of_stream: bool = False) -> bool:
+        self.status, self.headers = status, headers
+        return True
+
+    def send_body(self, data: bytes) -> None:
+        self.body += data
+        if len(self.body) > MAX_CALLOUT_BODY:
+            self.abort()
+
+    def end_response(self) -> None:
+        self.finish(CalloutResult(self.status, self.headers, bytes(self.body)))
+
+    def respond_error(self, status: int) -> None:
+        self.finish(None)
+
+    def abort(self) -> None:
+        if self.proxy is not None:
+            self.proxy.cancel()
+        self.finish(None)
+
+    def on_timeout(self) -> None:
+        self.worker.log.warn("http callout timed out")
+        self.abort()
+
+
+def callout_upstream(worker, target: str) -> Upstream | None:
+    """An upstream block by name, or an implicit one for a literal host:port."""
+    upstreams = worker.upstreams
+    if target in upstreams:
+        return upstreams[target]
+    cached = worker.callout_upstreams.get(target)
+    if cached is not None:
+        return cached
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        return None  # names would need a blocking lookup on the loop: upstream blocks only
+    upstream = Upstream(name=target, servers=[UpstreamServer(host, int(port))], keepalive=8)
+    worker.callout_upstreams[target] = upstream
+    return upstream
+
+
+def dispatch(worker, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+             timeout: float, on_done: Callable[[CalloutResult | None], None]) -> bool:
+    """Start a callout; False when the target is unknown (the filter gets BadArgument)."""
+    upstream = callout_upstream(worker, target)
+    if upstream is None:
+        return False
+    method, path, authority, rest = b"GET", b"/", b"", []
+    for name, value in headers:
+        if name == b":method":
+            method = value
+        elif name == b":path":
+            path = value
+        elif name == b":authority":
+            authority = value
+        elif not name.startswith(b":") and name not in (b"content-length", b"transfer-encoding"):
+            rest.append((name, value))
+    rest.insert(0, (b"host", authority or target.encode()))
+    if body or method in (b"POST", b"PUT", b"PATCH"):
+        rest.append((b"content-length", str(len(body)).encode()))
+    request = h11.Request(method=method, target=path, headers=rest)
+    settings = replace(Settings(), proxy_connect_timeout=timeout, proxy_read_timeout=timeout,
+                       proxy_send_timeout=timeout)
+    callout = Callout(worker, on_done)
+    proxy = callout.proxy = ProxyRequest(callout, upstream, request, settings, has_body=bool(body))
+    worker.set_deadline(callout, timeout)
+    proxy.start()
+    if body and not callout.closed:
+        proxy.body_data(body)
+        proxy.body_end()
+    return True
