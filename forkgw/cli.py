@@ -52,7 +52,8 @@ def test_conf(args) -> int:
     from forkgw import conf as confmod
     from forkgw.master import compile_wasm
 
-    path = os.path.abspath(args.c)
+    # The file the loader reads: a relative -c resolves against -p when one is given.
+    path = os.path.abspath(os.path.join(args.p, args.c) if args.p else args.c)
     try:
         config = confmod.load(args.c, args.p, args.g)
         compile_wasm(config)

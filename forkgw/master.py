@@ -41,6 +41,7 @@ from forkgw import conf as confmod
 from forkgw.conf.model import Config, Listen
 from forkgw.errors import ConfError
 from forkgw.log import ErrorLog, eprint
+from forkgw.shm import ShmStore
 from forkgw.systemd import Notifier, listen_fds
 from forkgw.worker import EXIT_BOOT_FAILED, Worker
 
@@ -164,6 +165,8 @@ class Master:
         self.control: socket.socket | None = None
         self.control_file = ("", 0)  # (path, inode): unlinked at exit only if still ours
         self.generation_count = 0
+        self.serving_conf: tuple = ()  # (config, compiled, listeners) of the newest serving generation
+        self.shm: ShmStore | None = None
         self.new_master = 0  # pid of the master an upgrade started
         self.workers_stopped = False  # WINCH: serve nothing until HUP (upgrade rollback)
 
@@ -173,6 +176,9 @@ class Master:
         self.inherited = inherited_listeners()
         try:
             config, compiled = load(self.conf_path, self.prefix, self.extra)
+            size, eviction = config.wasm.shm_kv
+            # Made once, before any fork: it outlives worker crashes and reloads.
+            self.shm = ShmStore(size, eviction=eviction)
             self.open_log(config)
             listeners = self.bind_all(config)
             self.write_pid(config)
@@ -185,7 +191,9 @@ class Master:
         for sock in self.inherited.values():
             sock.close()  # handed to us for addresses the conf no longer has
         self.inherited = {}
-        setproctitle("forkgw: master process " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]))
+        program = os.path.basename(sys.argv[0])
+        program = "forkgw" if program in ("__main__.py", "-m") else program
+        setproctitle("forkgw: master process " + " ".join([program] + sys.argv[1:]))
         self.install_signals()
         self.log.notice(f"forkgw/{__version__} started, {config.worker_processes} worker processes")
         if os.environ.pop("FORKGW_UPGRADE", ""):
@@ -285,6 +293,10 @@ class Master:
                 os.unlink(path)
         except OSError:
             pass
+        try:
+            self.selector.unregister(self.control)
+        except (KeyError, ValueError):
+            pass
         self.control.close()
         self.control = None
 
@@ -345,6 +357,8 @@ class Master:
         elif signum == signal.SIGUSR1:
             self.log.notice(f"{name}, reopening logs")
             self.log.reopen()
+            if self.serving_conf:
+                prepare_log_files(self.serving_conf[0], self.log)
             self.tell_all("reopen")
         elif signum == signal.SIGUSR2:
             self.log.notice(f"{name}, changing binary")
@@ -446,10 +460,7 @@ class Master:
     def restart_workers(self) -> None:
         """Rollback of an upgrade: workers again, from the conf we already hold."""
         self.workers_stopped = False
-        latest = self.generations[-1] if self.generations else None
-        if latest is None:
-            return
-        self.add_generation(latest.config, latest.compiled, latest.listeners)
+        self.add_generation(*self.serving_conf)
 
     def new_master_exited(self, status: int) -> None:
         self.log.notice(f"new binary process {self.new_master} exited ({describe_exit(status)})")
@@ -462,9 +473,9 @@ class Master:
             except OSError:
                 pass
         self.notify.main_pid(os.getpid())
-        if self.generations and not os.path.exists(self.control_file[0]):
+        if not os.path.exists(self.control_file[0]):
             self.close_control()  # the new master took the path over and removed it
-            self.open_control(self.generations[-1].config)
+            self.open_control(self.serving_conf[0])
 
     # -- workers ------------------------------------------------------------------------------
 
@@ -509,7 +520,7 @@ class Master:
                 sock.close()
         set_affinity(gen.config, slot, self.log)
         Worker(gen.config, gen.listeners, gen.compiled, channel, self.log, gen.number,
-               (gen.heartbeats, slot)).run()
+               (gen.heartbeats, slot), self.shm).run()
 
     def on_channel(self, handle: WorkerHandle) -> None:
         try:
@@ -573,6 +584,7 @@ class Master:
             if pid == self.new_master:
                 self.new_master_exited(status)
                 continue
+            self.shm.detach(pid)  # its gauges go, its counters stay
             for gen in self.generations:
                 handle = gen.workers.pop(pid, None)
                 if handle is not None:
@@ -657,6 +669,7 @@ class Master:
             return
         if gen.workers and all(w.ready for w in gen.workers.values()) and not gen.missing_slots():
             gen.state = "serving"
+            self.serving_conf = (gen.config, gen.compiled, gen.listeners)
             for old in serving:
                 self.retire(old)
             self.close_unused_listeners()
@@ -668,7 +681,7 @@ class Master:
 
     def retire(self, gen: Generation, kill: bool = False) -> None:
         gen.state = "retiring"
-        gen.kill_at = time.monotonic() + (0.0 if kill else gen.config.worker_shutdown_timeout)
+        gen.kill_at = time.monotonic() + (KILL_GRACE if kill else gen.config.worker_shutdown_timeout)
         for handle in gen.workers.values():
             self.tell(handle, "stop" if kill else "quit")
 
@@ -700,6 +713,34 @@ class Master:
         for sock in self.listeners.values():
             sock.close()
         self.listeners.clear()
+
+
+def prepare_log_files(config: Config, log: ErrorLog) -> None:
+    """Create the log files workers are about to reopen, owned by the `user` they run as.
+
+    After logrotate moved the files away, an unprivileged worker could not create
+    new ones in a root-owned folder; nginx's master makes them for it, so does ours.
+    """
+    if not config.user or os.geteuid() != 0:
+        return
+    import pwd
+
+    from forkgw.worker import all_settings
+
+    try:
+        entry = pwd.getpwnam(config.user)
+    except KeyError:
+        return
+    paths = {path for settings in all_settings(config) for path, _ in settings.access_log}
+    if config.error_log[0] != "stderr":
+        paths.add(log.path)
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.fchown(fd, entry.pw_uid, entry.pw_gid)
+            os.close(fd)
+        except OSError as err:
+            log.alert(f'creating "{path}" for the workers failed ({err})')
 
 
 def answer(conn: socket.socket | None, line: str) -> None:

@@ -87,7 +87,7 @@ def _getter(name: str) -> Callable | None:
 class Template:
     """A compiled `$var` string; `render(request, empty="-")` fills it in."""
 
-    __slots__ = ("parts", "unknown", "text")
+    __slots__ = ("parts", "unknown", "text", "constant")
 
     def __init__(self, text: str):
         self.text = text
@@ -106,6 +106,7 @@ class Template:
             pos = m.end()
         if pos < len(text):
             self.parts.append(text[pos:])
+        self.constant = all(isinstance(p, str) for p in self.parts)
 
     def render(self, request, empty: str = "-") -> str:
         out = []
@@ -116,6 +117,3 @@ class Template:
                 out.append(part(request) or empty)
         return "".join(out)
 
-    @property
-    def constant(self) -> bool:
-        return all(isinstance(p, str) for p in self.parts)

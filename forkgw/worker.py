@@ -104,7 +104,7 @@ class LocationPlan:
 
 class Worker:
     def __init__(self, config: Config, listeners: dict, compiled, channel: socket.socket,
-                 log: ErrorLog, generation: int, heartbeat: tuple | None = None):
+                 log: ErrorLog, generation: int, heartbeat: tuple | None = None, shm=None):
         self.config = config
         self.http = config.http
         self.listeners = listeners  # Listen.key -> socket
@@ -132,9 +132,13 @@ class Worker:
         self.callout_upstreams: dict = {}  # implicit upstreams for literal host:port callouts
         self._plans: dict[int, LocationPlan] = {}
         self._templates: dict[str, Template] = {}
+        self._constant_bodies: dict[str, bytes] = {}
         self._access_logs: dict[str, AccessLog] = {}
         self._defaults: dict = {}
         self.runtime = None
+        self.shm = shm  # the store every worker shares (filters' shared data, metrics)
+        self.shared = None
+        self.metrics = None
         self.heartbeat, slot = heartbeat if heartbeat else (bytearray(8), 0)
         self.heartbeat_offset = 8 * slot
         self.wasm_deadline: float | None = None  # when the filters next want ticks/rebuilds
@@ -166,6 +170,13 @@ class Worker:
             os._exit(EXIT_BOOT_FAILED)
         self.channel.setblocking(False)
         self.selector.register(self.channel, selectors.EVENT_READ, self.on_channel)
+        if self.shm is not None:
+            from forkgw.metrics import GatewayMetrics
+            from forkgw.wasm.shared import ShmShared
+
+            self.shared = ShmShared(self.shm)  # binds this worker's wake-up socket for queues
+            self.selector.register(self.shared.wake, selectors.EVENT_READ, self.on_wake)
+            self.metrics = GatewayMetrics(self.shm)
         filters = all_filters(self.config)
         if filters:
             from forkgw.wasm import Runtime, WasmBootError
@@ -173,6 +184,8 @@ class Worker:
             self.runtime = Runtime(self.config.wasm, self.compiled, self.log)
             # proxy_http_call: (target, headers, body, timeout_s, on_done) -> bool, on this loop
             self.runtime.http_dispatcher = partial(dispatch_callout, self)
+            if self.shared is not None:
+                self.runtime.shared = self.shared
             try:
                 self.runtime.start(filters)
             except WasmBootError as err:
@@ -185,6 +198,13 @@ class Worker:
         self.accepting = True
         pack_into("d", self.heartbeat, self.heartbeat_offset, time.monotonic())
         self.tell_master("ready")
+
+    def on_wake(self, mask: int) -> None:
+        """Another worker enqueued to a queue a filter of ours registered."""
+        if self.runtime is not None:
+            self.wasm_deadline = self.runtime.tick(time.monotonic())
+        else:
+            self.shm.ready_queues()  # nobody to tell: just drain the socket
 
     def tell_master(self, message: str) -> None:
         try:
@@ -271,6 +291,8 @@ class Worker:
         multi = self.config.multi_accept
 
         def accept(mask: int) -> None:
+            if not self.accepting:
+                return  # told to drain earlier in this same loop turn: the socket is closed
             while len(self.connections) < limit:
                 try:
                     sock, addr = listener.accept()
@@ -289,6 +311,9 @@ class Worker:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = ClientConnection(self, sock, addr, key, next(self.conn_ids))
                 self.connections.add(conn)
+                if self.metrics is not None:
+                    self.metrics.accepted.add(1)
+                    self.metrics.connections.add(1)
                 conn.on_readable()  # data usually came with the connection: skip a loop turn
                 if not multi:
                     return
@@ -313,6 +338,8 @@ class Worker:
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
+        if self.metrics is not None:
+            self.metrics.connections.add(-1)
 
     # -- what connections ask of the worker ------------------------------------------
 
@@ -353,6 +380,8 @@ class Worker:
         return log
 
     def access_log(self, settings: Settings, state) -> None:
+        if self.metrics is not None:
+            self.metrics.request(state.status, state.end_time - state.start_time)
         for log, template in self.plan(settings).logs:
             log.buffer.append(template.render(state) + "\n")
 
@@ -380,7 +409,13 @@ class Worker:
         return server_header(settings.server_tokens)
 
     def render_return(self, text: str, state) -> bytes:
-        return self.template(text).render(state, empty="").encode("utf-8")
+        template = self.template(text)
+        if template.constant:
+            body = self._constant_bodies.get(text)
+            if body is None:
+                body = self._constant_bodies[text] = text.encode("utf-8")
+            return body
+        return template.render(state, empty="").encode("utf-8")
 
     def absolute_url(self, text: str, state) -> str:
         url = self.template(text).render(state, empty="")

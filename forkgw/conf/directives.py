@@ -146,6 +146,12 @@ DIRECTIVES: tuple[Directive, ...] = (
        "size", "64m",
        "Largest linear memory one module instance may grow to.",
        "memory_max 16m;"),
+    _d("shm_kv", [WASM], (1, 2), v.shm_kv_value, SET, "shm_kv",
+       "size [eviction=lru|none]", "8m eviction=lru",
+       "Memory shared by every worker for the filters' shared data, queues and metrics. It is "
+       "created once, at start: it outlives worker crashes and reloads (a new size takes a "
+       "restart). When full, `lru` evicts the least recently used keys; `none` refuses the write.",
+       "shm_kv 32m eviction=none;"),
     # -- http ------------------------------------------------------------------
     _d("server", [HTTP], (0, 0), v.nothing, APPEND, "servers",
        "{ ... }", None,
@@ -275,6 +281,11 @@ DIRECTIVES: tuple[Directive, ...] = (
        "Answers at once with `code` (and body `text`, or the `Location` for 301, 302, 303, 307, "
        "308); a lone URL redirects with 302. At server level it answers every request.",
        "return 301 https://example.com$request_uri;"),
+    _d("forkgw_metrics", [LOCATION], (0, 0), v.flag_on, SET, "metrics",
+       "(no arguments)", None,
+       "Answers with the gateway's metrics and the filters' metrics, from every worker, in "
+       "Prometheus text format.",
+       "forkgw_metrics;"),
     _d("proxy_pass", [LOCATION], (1, 1), v.proxy_pass_value, SET, "proxy_pass",
        "http://upstream[/uri] | http://host:port[/uri]", None,
        "Sends requests to an upstream group, or to one `host:port`. With a URI part, the part of "

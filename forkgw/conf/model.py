@@ -99,6 +99,7 @@ class Location:
     settings: Settings
     ret: tuple[int, str | None] | None = None  # `return CODE [TEXT|URL]`
     proxy_pass: ProxyPass | None = None
+    metrics: bool = False  # `forkgw_metrics`: answer with the Prometheus text
     locations: list["Location"] = field(default_factory=list)  # nested
     where: str = ""
 
@@ -137,6 +138,7 @@ class Wasm:
     modules: dict[str, WasmModule] = field(default_factory=dict)
     callback_timeout: float = 0.05  # seconds a single filter callback may run (epoch)
     memory_max: int = 64 * 1024 * 1024  # bytes of linear memory per module instance
+    shm_kv: tuple[int, str] = (8 * 1024 * 1024, "lru")  # (bytes, eviction) shared by all workers
 
 
 @dataclass

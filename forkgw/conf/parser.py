@@ -322,7 +322,7 @@ class _Builder:
             if proxy_pass is not None:
                 self.check_proxy_pass(proxy_pass, regex, child.entries["proxy_pass"][0][1])
             location = Location(modifier=modifier, pattern=pattern, settings=settings, ret=child.first("ret"),
-                                proxy_pass=proxy_pass, where=where)
+                                proxy_pass=proxy_pass, metrics=child.has("metrics"), where=where)
             location.locations = self.build_locations(child, settings, location)
             locations.append(location)
         return locations

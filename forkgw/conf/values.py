@@ -131,6 +131,24 @@ def flag_value(args: list[str], ctx: Ctx) -> bool:
     return args[0] == "on"
 
 
+def flag_on(args: list[str], ctx: Ctx) -> bool:
+    """A directive whose presence is the setting."""
+    return True
+
+
+def shm_kv_value(args: list[str], ctx: Ctx) -> tuple[int, str]:
+    size = size_value(args[:1], ctx)
+    eviction = "lru"
+    for arg in args[1:]:
+        value = _key_value(arg, "eviction")
+        if value not in ("lru", "none"):
+            ctx.invalid(arg, 'it must be "eviction=lru" or "eviction=none"')
+        eviction = value
+    if size < 64 * 1024:
+        ctx.invalid(args[0], "the size must be at least 64k")
+    return size, eviction
+
+
 def word_value(args: list[str], ctx: Ctx) -> str:
     return args[0]
 

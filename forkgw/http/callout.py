@@ -67,6 +67,9 @@ class Callout:
     def out_pending(self) -> int:
         return 0
 
+    def flush(self) -> None:
+        pass
+
     def send_response_head(self, status: int, headers, proxied: bool, end_of_stream: bool = False) -> bool:
         self.status, self.headers = status, headers
         return True

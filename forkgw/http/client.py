@@ -57,15 +57,27 @@ def headers_too_large(headers, number: int, size: int) -> bool:
 
 
 class RequestState:
-    """What one request has said and been told: read by the access log and `$variables`."""
+    """What one request has said and been told: read by the access log and `$variables`.
 
-    __slots__ = ("method", "target", "path", "query", "http_version", "host", "headers",
-                 "remote_addr", "remote_port", "server_addr", "server_port", "start_time",
-                 "end_time", "status", "body_bytes_sent", "bytes_sent", "request_length",
-                 "_request_id", "connection_id", "connection_requests", "pid", "upstream_addr",
-                 "upstream_status", "upstream_response_time", "proxy_host", "response_headers")
+    Built per request, so only what differs per request is set here; the rest are
+    class-level defaults, and connection facts are read through the connection.
+    """
+
+    end_time = 0.0
+    status = 0
+    body_bytes_sent = 0
+    bytes_sent = 0
+    request_length = 0
+    _request_id = None
+    upstream_addr = ""
+    upstream_status = ""
+    upstream_response_time = ""
+    proxy_host = ""
+    host = ""
+    response_headers: list[tuple[bytes, bytes]] = []
 
     def __init__(self, conn, request: h11.Request | None):
+        self.conn = conn
         if request is None:  # too malformed for h11 to parse: logged as nginx logs a 400
             self.method, self.target, self.http_version, self.headers = "-", "-", "1.1", []
         else:
@@ -74,26 +86,15 @@ class RequestState:
             self.http_version = request.http_version.decode()
             self.headers = request.headers
         self.path, _, self.query = self.target.partition("?")
-        self.host = ""
-        self.remote_addr = conn.remote_addr
-        self.remote_port = conn.remote_port
-        self.server_addr = conn.server_addr
-        self.server_port = conn.server_port
         self.start_time = time.time()
-        self.end_time = 0.0
-        self.status = 0
-        self.body_bytes_sent = 0
-        self.bytes_sent = 0
-        self.request_length = 0
-        self._request_id = None
-        self.connection_id = conn.id
         self.connection_requests = conn.requests
-        self.pid = conn.worker.pid
-        self.upstream_addr = ""
-        self.upstream_status = ""
-        self.upstream_response_time = ""
-        self.proxy_host = ""
-        self.response_headers: list[tuple[bytes, bytes]] = []
+
+    remote_addr = property(lambda self: self.conn.remote_addr)
+    remote_port = property(lambda self: self.conn.remote_port)
+    server_addr = property(lambda self: self.conn.server_addr)
+    server_port = property(lambda self: self.conn.server_port)
+    connection_id = property(lambda self: self.conn.id)
+    pid = property(lambda self: self.conn.worker.pid)
 
     @property
     def request_id(self) -> str:
@@ -346,6 +347,8 @@ class ClientConnection:
         """The content phase: `return`, or `proxy_pass` (with a body held for filters, if any)."""
         if location.ret is not None:
             self.respond_return(location.ret)
+        elif location.metrics and self.worker.metrics is not None:
+            self.respond(200, [(b"Content-Type", b"text/plain; version=0.0.4")], self.worker.metrics.render())
         elif location.proxy_pass is not None:
             self.start_proxy(location, request, headers, host, has_body)
             if body is not None and self.proxy is not None:
@@ -556,8 +559,12 @@ class ClientConnection:
         self.state.response_headers = head
         if not self.keepalive:
             head.append((b"Connection", b"close"))
+        # Heads made only of our own fields and h11-parsed upstream fields skip h11's
+        # re-validation; anything a filter or add_header wrote is validated.
+        trusted = not settings.add_header and (self.stream is None or not filters)
         try:
-            data = self.h11.send(h11.Response(status_code=status, headers=head, reason=reason(status)))
+            data = self.h11.send(h11.Response(status_code=status, headers=head, reason=reason(status),
+                                              _parsed=trusted))
         except h11.LocalProtocolError as err:
             self.worker.log.error(f"invalid response head ({err}), client: {self.remote_addr}")
             self.head_sent = False
@@ -584,8 +591,7 @@ class ClientConnection:
             return
         self.state.body_bytes_sent += len(data)
         self.state.bytes_sent += len(out)
-        self.out += out
-        self.flush()
+        self.out += out  # written by end_response, or by the proxy after each read
 
     def filter_response_body(self, data: bytes, end: bool) -> bytes:
         out = self.stream.on_response_body(data, end)

@@ -40,8 +40,11 @@ def reason(status: int) -> bytes:
     return REASONS.get(status, b"")
 
 
+SERVER_WITH_VERSION = f"forkgw/{__version__}".encode()
+
+
 def server_header(tokens: bool) -> bytes:
-    return f"forkgw/{__version__}".encode() if tokens else b"forkgw"
+    return SERVER_WITH_VERSION if tokens else b"forkgw"
 
 
 def error_page(status: int, tokens: bool) -> bytes:

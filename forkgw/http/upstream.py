@@ -346,6 +346,8 @@ class ProxyRequest:
         self.record_attempt("502" if not timeout else "504")
         if count_failure and not stale:
             self.balancer.failed(peer, time.monotonic())
+            if self.worker.metrics is not None:
+                self.worker.metrics.upstream_error(self.upstream.name)
         detail = f" ({err.errno}: {err.strerror})" if isinstance(err, OSError) and err.errno else ""
         phase = ("connecting to" if not conn.connected else
                  "reading" if self.response_started else "reading response header from")
@@ -430,6 +432,7 @@ class ProxyRequest:
                 return
             elif event is h11.PAUSED:
                 break
+        self.client.flush()  # one write for everything this read produced
         if conn is self.conn and not self.done:
             if self.client.out_pending() > HIGH_WATER:
                 conn.want(0)  # the client reads slowly: stop reading the peer

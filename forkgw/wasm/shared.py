@@ -1,12 +1,18 @@
-"""Shared key/value data, shared queues and metrics — per worker for now.
+"""Shared key/value data, shared queues and metrics, behind one interface.
 
 These back proxy_{get,set}_shared_data, the shared queue calls and the metric
 calls with the semantics of cpp-host (Envoy), so that SDKs never see a status
-that makes them panic.  Scope: one `LocalShared` per Runtime, i.e. per
-worker process; state survives VM rebuilds but is not visible to other
-workers (a cross-worker store in shared memory is a later issue and will keep
-this interface).
+that makes them panic.  Two implementations of the same methods:
 
+- `ShmShared`: over a `forkgw.shm.ShmStore` that the master created before
+  forking, so every worker sees the same data, queues and metrics.  One per
+  worker; its `wake` socket belongs in the worker's selector (readable ->
+  Runtime.tick(), whose take_ready() drains it).
+- `LocalShared`: one per Runtime, i.e. per worker process; state survives VM
+  rebuilds but is not visible to other workers.  The fallback when the
+  gateway runs without a store (and the reference for the statuses).
+
+Semantics (both):
 - Shared data: one table per vm_id (here: the module name); every successful
   set takes a new CAS from a counter (never 0); cas 0 = unconditional; a key
   that does not exist is created whatever the cas.
@@ -15,12 +21,15 @@ this interface).
   proxy_on_queue_ready from Runtime.tick() after an enqueue.
 - Metrics: one namespace; defining a name again returns the same id.
   Counters never go below zero; histograms record samples and cannot be read.
+  proxy_record_metric on a counter: LocalShared sets it, ShmShared adds to it
+  (Envoy's behaviour; a counter summed over workers cannot be set).
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from .. import shm
 from .abi import MetricType, Status
 
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -143,3 +152,121 @@ class LocalShared:
         if metric.type == MetricType.HISTOGRAM:
             return Status.BAD_ARGUMENT
         return metric.value
+
+
+class ReadyQueue:
+    """What take_ready() hands Runtime.tick(): a queue id and its owner here."""
+
+    __slots__ = ("id", "owner")
+
+    def __init__(self, queue_id: int, owner):
+        self.id = queue_id
+        self.owner = owner
+
+
+class ShmShared:
+    """LocalShared's interface over a shared-memory store that every worker sees.
+
+    Statuses: a full store (eviction=none, or queue items that do not fit) is
+    INTERNAL_FAILURE, a key or value over the store's limits BAD_ARGUMENT.
+    register_queue/define_metric cannot fail in the ABI's eyes: when the
+    store's tables are full they return id 0, which every later call answers
+    with NOT_FOUND.
+    """
+
+    def __init__(self, store: "shm.ShmStore"):
+        self.store = store
+        self.wake = store.attach()  # idempotent: one socket and metrics slot per process
+        self.owners: dict[int, object] = {}  # queue id -> RootContext registered in this worker
+        self.ready: list = []  # read by Runtime.tick(); other workers' enqueues arrive on `wake`
+
+    def fileno(self) -> int:
+        return self.wake.fileno()
+
+    # -- key/value ------------------------------------------------------------
+
+    def get_data(self, vm_id: str, key: bytes) -> tuple[bytes, int] | None:
+        return self.store.get(vm_id, key)
+
+    def set_data(self, vm_id: str, key: bytes, value: bytes, cas: int) -> Status:
+        try:
+            return Status.OK if self.store.set(vm_id, key, value, cas & _U32) else Status.CAS_MISMATCH
+        except shm.TooLarge:
+            return Status.BAD_ARGUMENT
+        except shm.StoreFull:
+            return Status.INTERNAL_FAILURE
+
+    # -- queues -------------------------------------------------------------
+
+    def register_queue(self, vm_id: str, name: bytes, owner) -> int:
+        try:
+            queue_id = self.store.register_queue(vm_id, name)
+        except (shm.TooLarge, shm.StoreFull):
+            return 0
+        self.owners[queue_id] = owner
+        return queue_id
+
+    def resolve_queue(self, vm_id: str, name: bytes) -> int | None:
+        try:
+            return self.store.resolve_queue(vm_id, name)
+        except (shm.NotFound, shm.TooLarge):
+            return None
+
+    def enqueue(self, queue_id: int, data: bytes) -> Status:
+        try:
+            self.store.enqueue(queue_id & _U32, data)
+        except shm.NotFound:
+            return Status.NOT_FOUND
+        except shm.TooLarge:
+            return Status.BAD_ARGUMENT
+        except shm.StoreFull:
+            return Status.INTERNAL_FAILURE
+        return Status.OK
+
+    def dequeue(self, queue_id: int) -> bytes | Status:
+        try:
+            return self.store.dequeue(queue_id & _U32)
+        except shm.NotFound:
+            return Status.NOT_FOUND
+        except shm.Empty:
+            return Status.EMPTY
+
+    def take_ready(self) -> list[ReadyQueue]:
+        """This worker's queues with new items (drains the wake socket; no lock if it was empty)."""
+        owners = self.owners
+        return [ReadyQueue(queue_id, owners[queue_id]) for queue_id in self.store.ready_queues()
+                if queue_id in owners]
+
+    # -- metrics --------------------------------------------------------------
+
+    def define_metric(self, metric_type: int, name: bytes) -> int:
+        try:
+            return self.store.define_metric(int(metric_type), name)
+        except (shm.TooLarge, shm.StoreFull, ValueError):
+            return 0
+
+    def increment_metric(self, metric_id: int, delta: int) -> Status:
+        try:
+            self.store.increment(metric_id & _U32, delta)
+        except shm.NotFound:
+            return Status.NOT_FOUND
+        except ValueError:
+            return Status.BAD_ARGUMENT
+        return Status.OK
+
+    def record_metric(self, metric_id: int, value: int) -> Status:
+        try:
+            self.store.record(metric_id & _U32, value)
+        except shm.NotFound:
+            return Status.NOT_FOUND
+        except ValueError:
+            return Status.BAD_ARGUMENT
+        return Status.OK
+
+    def get_metric(self, metric_id: int) -> int | Status:
+        try:
+            return self.store.get_metric(metric_id & _U32) & _U64
+        except shm.NotFound:
+            return Status.NOT_FOUND
+        except ValueError:
+            return Status.BAD_ARGUMENT

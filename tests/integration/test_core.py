@@ -231,3 +231,20 @@ def test_stopped_worker_is_replaced_by_the_watchdog(gateway):
     assert f"worker process {pids[0]} is not responding" in gateway.log_text()
     for _ in range(10):
         assert gateway.request("GET", "/exact")[0] == 200
+
+
+def test_metrics_endpoint_counts_every_worker(gateway):
+    gateway.start(SIMPLE.replace('location = /exact', 'location = /metrics { forkgw_metrics; }\n        location = /exact'),
+                  workers=2)
+    for _ in range(20):
+        assert gateway.request("GET", "/exact")[0] == 200
+    for _ in range(3):
+        assert gateway.request("GET", "/teapot")[0] == 418
+    status, headers, body = gateway.request("GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    text = body.decode()
+    assert re.search(r'^forkgw_http_requests_total\{status="200"\} 20$', text, re.M), text
+    assert re.search(r'^forkgw_http_requests_total\{status="418"\} 3$', text, re.M)
+    assert re.search(r"^forkgw_connections_accepted_total 2[4-9]$", text, re.M)
+    assert re.search(r"^forkgw_request_duration_seconds_count 23$", text, re.M)
+    assert "# TYPE forkgw_http_requests_total counter" in text
