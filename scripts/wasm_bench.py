@@ -12,13 +12,18 @@ Each figure is the best of five timed batches (the one least disturbed by other 
 - per callback: a module whose callbacks do nothing, with all six request
   callbacks exported versus only proxy_on_context_create;
 - per host call: a module calling one hostcall K times from
-  on_request_headers versus zero times (proxy_log below the log level,
+  on_request_headers versus zero times (proxy_continue_stream = the
+  transition alone, proxy_log below the log level = a bounds check,
   proxy_get_current_time_nanoseconds = an 8-byte memory write,
   proxy_get_header_map_value = memory read + guest malloc + writes);
 - the floor under forkgw: the same operations through wasmtime's public API
   directly (export call, host function call, epoch deadline re-arm).
 
-    python scripts/wasm_bench.py [--time 0.15] [--json PATH]
+forkgw's boundary runs through wasmtime's private bindings when they have the
+expected shape (forkgw/wasm/guest.py); `--boundary public` measures the
+public-API fallback instead, for comparison.
+
+    python scripts/wasm_bench.py [--time 0.15] [--json PATH] [--boundary fast|public]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from forkgw.conf import load  # noqa: E402
 from forkgw.conf.model import FilterRef, Wasm, WasmModule  # noqa: E402
 from forkgw.log import ErrorLog  # noqa: E402
 from forkgw.wasm import Runtime, StreamInfo, compile_modules  # noqa: E402
+from forkgw.wasm import guest as boundary  # noqa: E402
 
 REQUEST = [(b":method", b"GET"), (b":path", b"/bench"), (b":authority", b"127.0.0.1"), (b":scheme", b"http"),
            (b"user-agent", b"wrk"), (b"accept", b"*/*")]
@@ -149,25 +155,31 @@ def phases(rt: Runtime, filters, budget: float) -> dict:
 def count_calls(bench: Bench) -> dict:
     """Guest calls (callbacks + allocations) and host calls per add_header request.
 
-    Counted by wrapping wasmtime's public Func.__call__ and Linker.define_func;
-    when the host uses a lower-level path, a count reads 0 and is reported as n/a.
+    Counted by wrapping forkgw's boundary (guest.py: call, the allocator call, and
+    every host function as it is defined), whichever path is active.
     """
     counts = {"guest": 0, "host": 0}
     names: dict[str, int] = {}
-    orig_call, orig_define = wasmtime.Func.__call__, wasmtime.Linker.define_func
+    cls = boundary.FastGuest if boundary.FAST_PATH else boundary.Guest
+    orig = {attr: getattr(cls, attr) for attr in ("call", "_call_allocator", "define")}
+    own = {attr for attr in orig if attr in cls.__dict__}
 
     def call(self, *args, **kw):
         counts["guest"] += 1
-        return orig_call(self, *args, **kw)
+        return orig["call"](self, *args, **kw)
 
-    def define(self, module, name, ty, func, access_caller=False):
+    def call_allocator(self, size):
+        counts["guest"] += 1
+        return orig["_call_allocator"](self, size)
+
+    def define(self, linker, module, name, functype, method, on_bug=None):
         def counted(*args):
             counts["host"] += 1
             names[name] = names.get(name, 0) + 1
-            return func(*args)
-        return orig_define(self, module, name, ty, counted, access_caller)
+            return method(*args)
+        return orig["define"](self, linker, module, name, functype, counted, on_bug)
 
-    wasmtime.Func.__call__, wasmtime.Linker.define_func = call, define
+    cls.call, cls._call_allocator, cls.define = call, call_allocator, define
     try:
         rt, filters = bench.seed()
         request_loop(rt, filters)(10)
@@ -175,7 +187,11 @@ def count_calls(bench: Bench) -> dict:
         names.clear()
         request_loop(rt, filters)(100)
     finally:
-        wasmtime.Func.__call__, wasmtime.Linker.define_func = orig_call, orig_define
+        for attr, value in orig.items():
+            if attr in own:
+                setattr(cls, attr, value)
+            else:
+                delattr(cls, attr)
     out = {k: (v / 100 if v else None) for k, v in counts.items()}
     out["host_by_name"] = {k: v / 100 for k, v in sorted(names.items(), key=lambda kv: -kv[1])}
     return out
@@ -186,6 +202,7 @@ WAT_HEAD = """(module
   (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
   (import "env" "proxy_get_current_time_nanoseconds" (func $now (param i32) (result i32)))
   (import "env" "proxy_get_header_map_value" (func $hval (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_continue_stream" (func $cont (param i32) (result i32)))
   (memory (export "memory") 2)
   (data (i32.const 0x100) "user-agent")
   (global $heap (mut i32) (i32.const 0x10000))
@@ -207,6 +224,7 @@ WAT_REST = """
 """
 HOSTCALLS = {
     "none": "",
+    "proxy_continue_stream (no memory access)": "(drop (call $cont (i32.const 0)))",
     "proxy_log (below level)": "(drop (call $log (i32.const 0) (i32.const 0x100) (i32.const 10)))",
     "proxy_get_current_time_nanoseconds": "(drop (call $now (i32.const 0x20)))",
     "proxy_get_header_map_value": "(drop (call $hval (i32.const 0) (i32.const 0x100) (i32.const 10) "
@@ -301,10 +319,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--time", type=float, default=0.15, help="seconds per measurement (default 0.15)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    ap.add_argument("--boundary", choices=("fast", "public"), default="fast",
+                    help="forkgw's wasm boundary to measure (default: fast, when available)")
     args = ap.parse_args()
+    if args.boundary == "public":
+        boundary.FAST_PATH = False
+    path = ("fast (wasmtime private bindings)" if boundary.FAST_PATH else
+            f"public API ({boundary.FAST_PATH_UNAVAILABLE or 'asked for'})")
     budget = args.time
     started = time.perf_counter()
-    out: dict = {"wasmtime": getattr(wasmtime, "__version__", None) or _dist_version("wasmtime")}
+    out: dict = {"wasmtime": getattr(wasmtime, "__version__", None) or _dist_version("wasmtime"), "boundary": path}
 
     with tempfile.TemporaryDirectory(prefix="forkgw-wasm-bench-") as tmp:
         bench = Bench(Path(tmp))
@@ -341,7 +365,8 @@ def main() -> int:
     out["elapsed_s"] = round(time.perf_counter() - started, 2)
 
     calls = out["add_header_calls"]
-    print(f"wasm boundary, µs (best of 5; wasmtime {out['wasmtime']}, python {sys.version.split()[0]})")
+    print(f"wasm boundary, µs (best of 5; wasmtime {out['wasmtime']}, python {sys.version.split()[0]}; "
+          f"forkgw boundary: {path})")
     a = out["add_header"]
     print(f"\nadd_header plugin, one request: {a['total']:.1f} µs "
           f"({a['total (loop)']:.1f} µs in a tight loop)")

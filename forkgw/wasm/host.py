@@ -7,18 +7,20 @@ Theory of operation:
   type), a fixed-status stub (any declared type: SDKs disagree on the
   signatures of calls we do not implement yet), or a rejection, which
   `compile_modules` turns into a ConfError.  `Host.link()` replays that plan in
-  the worker with the import's own FuncType.
+  the worker with the import's own FuncType, through `Guest.define()` (the
+  wasm boundary: raw callbacks on the fast path, the public API otherwise).
 - One Host per VM instance.  Hostcalls act on `ctx`: the context whose
   callback is running (`current`), or the one the guest chose with
   proxy_set_effective_context (`effective`); both are reset after every
   top-level callback.  Root contexts have no stream: header maps are then
   unavailable (BadArgument, as the spec says).
-- Every i32 argument is a u32 (masked with U32); every guest pointer is
-  bounds-checked by `Guest` and answered with InvalidMemoryAccess (WASI:
-  EFAULT).  No Python exception leaves a host function except the deliberate
-  guest traps (GuestExit, GuestAbort) and traps raised by guest code the host
-  called (the allocator); a host bug is logged at [crit] and answered with
-  InternalFailure.
+- A host function is `method(self, *args)`: every i32 argument arrives as a
+  u32 int (i64 as a signed int), and guest memory is reached through
+  `self.mem` (the `Guest`), which bounds-checks every guest pointer; out of
+  bounds is answered with InvalidMemoryAccess (WASI: EFAULT).  No Python
+  exception leaves a host function except the deliberate guest traps
+  (GuestExit, GuestAbort) and traps raised by guest code the host called (the
+  allocator); a host bug is logged at [crit] and answered with InternalFailure.
 - Statuses are the ones the SDKs accept (the Rust SDK panics on anything it
   does not list): e.g. proxy_log, set_property, send_local_response always
   answer OK on valid input; unsupported calls answer the "not available"
@@ -52,25 +54,11 @@ from .abi import (
     encode_pairs,
     pairs_size,
 )
+from .guest import GuestAbort, GuestExit, signature
 
 if TYPE_CHECKING:
+    from .guest import Guest
     from .vm import VM
-
-
-class GuestExit(Exception):
-    """proc_exit(code): unwinds the guest like a trap."""
-
-    def __init__(self, code: int):
-        super().__init__(f"proc_exit({code})")
-        self.code = code
-
-
-class GuestAbort(Exception):
-    """abort()/proc_raise(): unwinds the guest like a trap."""
-
-
-# Exceptions that must cross a host function untouched (they end the guest call).
-UNWIND = (GuestExit, GuestAbort, wasmtime.Trap, wasmtime.WasmtimeError)
 
 OK = Status.OK
 NOT_FOUND = Status.NOT_FOUND
@@ -170,15 +158,6 @@ WASI_STUBS = {
     ).split()
 }
 
-_SIG_CHARS = {"i32": "i", "i64": "I", "f32": "f", "f64": "F"}
-
-
-def signature(functype: wasmtime.FuncType) -> str:
-    params = "".join(_SIG_CHARS.get(str(t), "?") for t in functype.params)
-    results = "".join(_SIG_CHARS.get(str(t), "?") for t in functype.results)
-    return f"{params}:{results}"
-
-
 def _pretty(sig: str) -> str:
     names = {"i": "i32", "I": "i64", "f": "f32", "F": "f64", "?": "ref"}
     params, results = sig.split(":")
@@ -240,8 +219,9 @@ _MAX_OUTPUT_LINE = 4096
 class Host:
     """The import implementations for one VM instance."""
 
-    def __init__(self, vm: "VM"):
+    def __init__(self, vm: "VM", mem: "Guest"):
         self.vm = vm
+        self.mem = mem  # the instance's memory (and allocator), bounds-checked
         self.log = vm.log
         self.current = None  # context whose callback runs
         self.effective = None  # set by proxy_set_effective_context
@@ -260,38 +240,36 @@ class Host:
     # -- linking -------------------------------------------------------------
 
     def link(self, linker: wasmtime.Linker, plan) -> None:
+        """Define every import of the plan; types were checked once, at compile time."""
+        define = self.mem.define
         for module, name, functype, (kind, arg) in plan:
-            has_result = bool(functype.results)
             if kind == "impl":
-                func = self._guarded(name, getattr(self, arg), has_result)
+                define(linker, module, name, functype, getattr(self, arg), self._guard(name, bool(functype.results)))
             elif kind == "stub":
-                func = self._stub(module, name, int(arg), functype)
+                define(linker, module, name, functype, self._stub(module, name, int(arg), functype))
             else:
-                func = self._abort
-            linker.define_func(module, name, functype, func, access_caller=True)
+                define(linker, module, name, functype, self._abort)
 
-    def _guarded(self, name: str, method, has_result: bool):
-        def call(caller, *args):
-            try:
-                return method(caller, *args)
-            except UNWIND:
-                raise
-            except Exception:  # a host bug: never let it become a guest trap
-                self.log.crit(f"{self.label()}: host function {name} failed: {traceback.format_exc()}")
-                return Status.INTERNAL_FAILURE if has_result else None
+    def _guard(self, name: str, has_result: bool):
+        """What a host bug answers (called inside the `except`): never let it become a guest trap."""
 
-        return call
+        def on_bug():
+            self.log.crit(f"{self.label()}: host function {name} failed: {traceback.format_exc()}")
+            return Status.INTERNAL_FAILURE if has_result else None
+
+        return on_bug
 
     def _stub(self, module: str, name: str, status: int, functype):
         results = [str(t) for t in functype.results]
+        zeros = [0.0 if t in ("f32", "f64") else 0 if t in ("i32", "i64") else None for t in results]
         if not results:
             value = None
         elif results == ["i32"]:
             value = status
         else:
-            value = [0] * len(results) if len(results) > 1 else 0
+            value = zeros if len(zeros) > 1 else zeros[0]
 
-        def call(caller, *args):
+        def call(*args):
             if name not in self.warned and module == "env":
                 self.warned.add(name)
                 self.log.warn(f"{self.label()}: {name} is not supported yet, answering status {status}")
@@ -299,22 +277,22 @@ class Host:
 
         return call
 
-    def _abort(self, caller, *args):
+    def _abort(self, *args):
         message = "abort()"
         if len(args) == 4:  # AssemblyScript abort(message, file, line, column)
-            msg = self._as_string(caller, args[0] & U32)
-            where = self._as_string(caller, args[1] & U32)
-            message = f"abort: {msg} at {where}:{args[2] & U32}:{args[3] & U32}"
+            msg = self._as_string(args[0])
+            where = self._as_string(args[1])
+            message = f"abort: {msg} at {where}:{args[2]}:{args[3]}"
         raise GuestAbort(message)
 
-    def _as_string(self, caller, ptr: int) -> str:
+    def _as_string(self, ptr: int) -> str:
         """An AssemblyScript string (UTF-16LE, byte length at ptr-4), best effort."""
         if ptr < 4:
             return "?"
-        size = self.vm.guest.read_u32(caller, ptr - 4)
+        size = self.mem.read_u32(ptr - 4)
         if size is None or size > 4096:
             return "?"
-        data = self.vm.guest.read(caller, ptr, size)
+        data = self.mem.read(ptr, size)
         return "?" if data is None else data.decode("utf-16-le", "replace")
 
     # -- helpers -------------------------------------------------------------
@@ -332,6 +310,8 @@ class Host:
         self.log.write(level, f"{prefix}{self.label()}: {text}")
 
     def flush_output(self) -> None:
+        if not (self.output[1] or self.output[2]):
+            return  # the common case, after every callback
         for fd in (1, 2):
             if self.output[fd]:
                 data, self.output[fd] = self.output[fd], b""
@@ -363,85 +343,75 @@ class Host:
 
     # -- env: logging, time, contexts ----------------------------------------
 
-    def proxy_log(self, caller, level, ptr, size):
-        level &= U32
-        ptr &= U32
-        size &= U32
+    def proxy_log(self, level, ptr, size):
         if level > 5:
             return BAD_ARGUMENT
+        if level < self.log_level:  # below the error log's level: only the bounds are checked
+            return OK if self.mem.inside(ptr, size) else INVALID_MEMORY_ACCESS
         name = LOG_LEVEL_NAMES[level]
-        if not self.log.enabled(name):
-            if ptr + size > self.vm.guest.memory_size(caller):
-                return INVALID_MEMORY_ACCESS
-            return OK
-        data = self.vm.guest.read(caller, ptr, size)
+        data = self.mem.read(ptr, size)
         if data is None:
             return INVALID_MEMORY_ACCESS
         self.guest_log(name, data.decode("utf-8", "replace"))
         return OK
 
-    def proxy_get_log_level(self, caller, ret):
-        return OK if self.vm.guest.write_u32(caller, ret & U32, self.log_level) else INVALID_MEMORY_ACCESS
+    def proxy_get_log_level(self, ret):
+        return OK if self.mem.write_u32(ret, self.log_level) else INVALID_MEMORY_ACCESS
 
-    def proxy_get_current_time_nanoseconds(self, caller, ret):
-        return OK if self.vm.guest.write_u64(caller, ret & U32, time.time_ns()) else INVALID_MEMORY_ACCESS
+    def proxy_get_current_time_nanoseconds(self, ret):
+        return OK if self.mem.write_u64(ret, time.time_ns()) else INVALID_MEMORY_ACCESS
 
-    def proxy_set_tick_period_milliseconds(self, caller, period):
+    def proxy_set_tick_period_milliseconds(self, period):
         ctx = self.ctx
         if ctx is None:
             return BAD_ARGUMENT
-        ctx.root.set_tick_period((period & U32) / 1000.0)
+        ctx.root.set_tick_period(period / 1000.0)
         return OK
 
-    def proxy_set_effective_context(self, caller, context_id):
-        ctx = self.vm.contexts.get(context_id & U32)
+    def proxy_set_effective_context(self, context_id):
+        ctx = self.vm.contexts.get(context_id)
         if ctx is None:
             return BAD_ARGUMENT
         self.effective = ctx
         return OK
 
-    def proxy_done(self, caller):
+    def proxy_done(self):
         return OK  # root contexts are never asked to finish yet, so nothing is pending
 
     # -- env: configuration and buffers ---------------------------------------
 
-    def proxy_get_configuration(self, caller, ret_ptr, ret_size):
+    def proxy_get_configuration(self, ret_ptr, ret_size):
         """0.1.0: the VM config in on_vm_start, the plugin config in on_configure; OK and empty otherwise."""
         data = self.buffers.get(BufferType.PLUGIN_CONFIGURATION)
         if data is None:
             data = self.buffers.get(BufferType.VM_CONFIGURATION, b"")
-        return self.vm.guest.give(caller, data, ret_ptr & U32, ret_size & U32)
+        return self.mem.give(data, ret_ptr, ret_size)
 
-    def proxy_get_buffer_bytes(self, caller, buffer_type, start, max_size, ret_ptr, ret_size):
-        buffer_type &= U32
-        start &= U32
-        max_size &= U32
+    def proxy_get_buffer_bytes(self, buffer_type, start, max_size, ret_ptr, ret_size):
         if buffer_type > BufferType.CALL_DATA:
             return BAD_ARGUMENT
         data = self._buffer(buffer_type)
         if data is None:
             return NOT_FOUND
-        return self.vm.guest.give(caller, data[start : start + max_size], ret_ptr & U32, ret_size & U32)
+        return self.mem.give(data[start : start + max_size], ret_ptr, ret_size)
 
-    def proxy_get_buffer_status(self, caller, buffer_type, ret_length, ret_flags):
-        buffer_type &= U32
+    def proxy_get_buffer_status(self, buffer_type, ret_length, ret_flags):
         if buffer_type > BufferType.CALL_DATA:
             return BAD_ARGUMENT
         data = self._buffer(buffer_type)
         if data is None:
             return NOT_FOUND
-        guest = self.vm.guest
-        if not guest.writable(caller, (ret_length & U32, 4), (ret_flags & U32, 4)):
+        mem = self.mem
+        if not mem.writable((ret_length, 4), (ret_flags, 4)):
             return INVALID_MEMORY_ACCESS
-        guest.write_u32(caller, ret_length & U32, len(data))
-        guest.write_u32(caller, ret_flags & U32, 0)
+        mem.write_u32(ret_length, len(data))
+        mem.write_u32(ret_flags, 0)
         return OK
 
-    def proxy_set_buffer_bytes(self, caller, buffer_type, start, size, data_ptr, data_size):
-        buffer_type &= U32
+    def proxy_set_buffer_bytes(self, buffer_type, start, size, data_ptr, data_size):
         if buffer_type > BufferType.CALL_DATA:
             return BAD_ARGUMENT
-        if self.vm.guest.read(caller, data_ptr & U32, data_size & U32) is None:
+        if self.mem.read(data_ptr, data_size) is None:
             return INVALID_MEMORY_ACCESS
         if buffer_type in (BufferType.VM_CONFIGURATION, BufferType.PLUGIN_CONFIGURATION, BufferType.CALL_DATA):
             return BAD_ARGUMENT  # read-only
@@ -449,24 +419,24 @@ class Host:
 
     # -- env: header maps -----------------------------------------------------
 
-    def proxy_get_header_map_size(self, caller, map_type, ret_size):
-        pairs = self._map(map_type & U32)
+    def proxy_get_header_map_size(self, map_type, ret_size):
+        pairs = self._map(map_type)
         if isinstance(pairs, Status):
             return pairs
-        ok = self.vm.guest.write_u32(caller, ret_size & U32, pairs_size(pairs))
+        ok = self.mem.write_u32(ret_size, pairs_size(pairs))
         return OK if ok else INVALID_MEMORY_ACCESS
 
-    def proxy_get_header_map_pairs(self, caller, map_type, ret_ptr, ret_size):
-        pairs = self._map(map_type & U32)
+    def proxy_get_header_map_pairs(self, map_type, ret_ptr, ret_size):
+        pairs = self._map(map_type)
         if isinstance(pairs, Status):
             return pairs
-        return self.vm.guest.give(caller, encode_pairs(pairs), ret_ptr & U32, ret_size & U32)
+        return self.mem.give(encode_pairs(pairs), ret_ptr, ret_size)
 
-    def proxy_set_header_map_pairs(self, caller, map_type, ptr, size):
-        pairs = self._map(map_type & U32)
+    def proxy_set_header_map_pairs(self, map_type, ptr, size):
+        pairs = self._map(map_type)
         if isinstance(pairs, Status):
             return pairs
-        data = self.vm.guest.read(caller, ptr & U32, size & U32)
+        data = self.mem.read(ptr, size)
         if data is None:
             return INVALID_MEMORY_ACCESS
         new = decode_pairs(data)
@@ -475,46 +445,46 @@ class Host:
         pairs[:] = [(name.lower(), value) for name, value in new]
         return OK
 
-    def proxy_get_header_map_value(self, caller, map_type, key_ptr, key_size, ret_ptr, ret_size):
-        pairs = self._map(map_type & U32)
+    def proxy_get_header_map_value(self, map_type, key_ptr, key_size, ret_ptr, ret_size):
+        pairs = self._map(map_type)
         if isinstance(pairs, Status):
             return pairs
-        key = self.vm.guest.read(caller, key_ptr & U32, key_size & U32)
+        key = self.mem.read(key_ptr, key_size)
         if key is None:
             return INVALID_MEMORY_ACCESS
         key = key.lower()
         for name, value in pairs:
             if name == key:
-                return self.vm.guest.give(caller, value, ret_ptr & U32, ret_size & U32)
+                return self.mem.give(value, ret_ptr, ret_size)
         if self.v010:  # 0.1.0: a missing key is an empty value
-            return self.vm.guest.give(caller, b"", ret_ptr & U32, ret_size & U32)
+            return self.mem.give(b"", ret_ptr, ret_size)
         return NOT_FOUND
 
-    def _key_value(self, caller, key_ptr, key_size, value_ptr, value_size):
-        guest = self.vm.guest
-        key = guest.read(caller, key_ptr & U32, key_size & U32)
-        value = guest.read(caller, value_ptr & U32, value_size & U32)
+    def _key_value(self, key_ptr, key_size, value_ptr, value_size):
+        mem = self.mem
+        key = mem.read(key_ptr, key_size)
+        value = mem.read(value_ptr, value_size)
         if key is None or value is None:
             return INVALID_MEMORY_ACCESS
         if _bad_header(key, value):
             return BAD_ARGUMENT
         return key.lower(), value
 
-    def proxy_add_header_map_value(self, caller, map_type, key_ptr, key_size, value_ptr, value_size):
-        pairs = self._map(map_type & U32)
+    def proxy_add_header_map_value(self, map_type, key_ptr, key_size, value_ptr, value_size):
+        pairs = self._map(map_type)
         if isinstance(pairs, Status):
             return pairs
-        kv = self._key_value(caller, key_ptr, key_size, value_ptr, value_size)
+        kv = self._key_value(key_ptr, key_size, value_ptr, value_size)
         if isinstance(kv, Status):
             return kv
         pairs.append(kv)
         return OK
 
-    def proxy_replace_header_map_value(self, caller, map_type, key_ptr, key_size, value_ptr, value_size):
-        pairs = self._map(map_type & U32)
+    def proxy_replace_header_map_value(self, map_type, key_ptr, key_size, value_ptr, value_size):
+        pairs = self._map(map_type)
         if isinstance(pairs, Status):
             return pairs
-        kv = self._key_value(caller, key_ptr, key_size, value_ptr, value_size)
+        kv = self._key_value(key_ptr, key_size, value_ptr, value_size)
         if isinstance(kv, Status):
             return kv
         key = kv[0]
@@ -526,11 +496,11 @@ class Host:
         pairs.append(kv)
         return OK
 
-    def proxy_remove_header_map_value(self, caller, map_type, key_ptr, key_size):
-        pairs = self._map(map_type & U32)
+    def proxy_remove_header_map_value(self, map_type, key_ptr, key_size):
+        pairs = self._map(map_type)
         if isinstance(pairs, Status):
             return pairs
-        key = self.vm.guest.read(caller, key_ptr & U32, key_size & U32)
+        key = self.mem.read(key_ptr, key_size)
         if key is None:
             return INVALID_MEMORY_ACCESS
         key = key.lower()
@@ -539,35 +509,34 @@ class Host:
 
     # -- env: stream control ---------------------------------------------------
 
-    def proxy_continue_stream(self, caller, stream_type):
-        return OK if (stream_type & U32) <= 3 else BAD_ARGUMENT
+    def proxy_continue_stream(self, stream_type):
+        return OK if stream_type <= 3 else BAD_ARGUMENT
 
-    def proxy_close_stream(self, caller, stream_type):
-        return OK if (stream_type & U32) <= 3 else BAD_ARGUMENT
+    def proxy_close_stream(self, stream_type):
+        return OK if stream_type <= 3 else BAD_ARGUMENT
 
-    def proxy_continue_request(self, caller):
+    def proxy_continue_request(self):
         return OK
 
-    def proxy_continue_response(self, caller):
+    def proxy_continue_response(self):
         return OK
 
-    def proxy_clear_route_cache(self, caller):
+    def proxy_clear_route_cache(self):
         return OK
 
     def proxy_send_local_response(
-        self, caller, status, details_ptr, details_size, body_ptr, body_size, headers_ptr, headers_size, grpc
+        self, status, details_ptr, details_size, body_ptr, body_size, headers_ptr, headers_size, grpc
     ):
-        guest = self.vm.guest
-        details = guest.read(caller, details_ptr & U32, details_size & U32)
-        body = guest.read(caller, body_ptr & U32, body_size & U32)
-        raw_headers = guest.read(caller, headers_ptr & U32, headers_size & U32)
+        mem = self.mem
+        details = mem.read(details_ptr, details_size)
+        body = mem.read(body_ptr, body_size)
+        raw_headers = mem.read(headers_ptr, headers_size)
         if details is None or body is None or raw_headers is None:
             return INVALID_MEMORY_ACCESS
         ctx = self.ctx
         if ctx is None or ctx.stream is None:
             return BAD_ARGUMENT
         headers = decode_pairs(raw_headers)
-        status &= U32
         if headers is None or not 200 <= status <= 599:
             return BAD_ARGUMENT
         headers = [
@@ -575,34 +544,33 @@ class Host:
             for name, value in headers
             if not name.startswith(b":") and not _bad_header(name, value)
         ]
-        grpc &= U32
         if grpc != U32:  # -1: no gRPC status
             headers.append((b"grpc-status", str(grpc).encode()))
         ctx.stream.send_local_reply(ctx, status, headers, body, details)
         return OK
 
-    def proxy_get_status(self, caller, ret_code, ret_ptr, ret_size):
-        guest = self.vm.guest
-        if not guest.write_u32(caller, ret_code & U32, 0):
+    def proxy_get_status(self, ret_code, ret_ptr, ret_size):
+        mem = self.mem
+        if not mem.write_u32(ret_code, 0):
             return INVALID_MEMORY_ACCESS
-        return guest.give(caller, b"", ret_ptr & U32, ret_size & U32)
+        return mem.give(b"", ret_ptr, ret_size)
 
     # -- env: properties -------------------------------------------------------
 
-    def proxy_get_property(self, caller, path_ptr, path_size, ret_ptr, ret_size):
-        guest = self.vm.guest
-        path = guest.read(caller, path_ptr & U32, path_size & U32)
+    def proxy_get_property(self, path_ptr, path_size, ret_ptr, ret_size):
+        mem = self.mem
+        path = mem.read(path_ptr, path_size)
         if path is None:
             return INVALID_MEMORY_ACCESS
         value = properties.get(self.ctx, path)
         if value is None:
             return NOT_FOUND
-        return guest.give(caller, value, ret_ptr & U32, ret_size & U32)
+        return mem.give(value, ret_ptr, ret_size)
 
-    def proxy_set_property(self, caller, path_ptr, path_size, value_ptr, value_size):
-        guest = self.vm.guest
-        path = guest.read(caller, path_ptr & U32, path_size & U32)
-        value = guest.read(caller, value_ptr & U32, value_size & U32)
+    def proxy_set_property(self, path_ptr, path_size, value_ptr, value_size):
+        mem = self.mem
+        path = mem.read(path_ptr, path_size)
+        value = mem.read(value_ptr, value_size)
         if path is None or value is None:
             return INVALID_MEMORY_ACCESS
         if self.ctx is None:
@@ -612,148 +580,145 @@ class Host:
 
     # -- env: shared data, queues, metrics (per worker, see shared.py) ---------
 
-    def proxy_get_shared_data(self, caller, key_ptr, key_size, ret_ptr, ret_size, ret_cas):
-        guest = self.vm.guest
-        key = guest.read(caller, key_ptr & U32, key_size & U32)
-        if key is None or not guest.writable(caller, (ret_cas & U32, 4)):
+    def proxy_get_shared_data(self, key_ptr, key_size, ret_ptr, ret_size, ret_cas):
+        mem = self.mem
+        key = mem.read(key_ptr, key_size)
+        if key is None or not mem.writable((ret_cas, 4)):
             return INVALID_MEMORY_ACCESS
         found = self.vm.shared.get_data(self.vm.vm_id, key)
         if found is None:
             return NOT_FOUND
         value, cas = found
-        status = guest.give(caller, value, ret_ptr & U32, ret_size & U32)
+        status = mem.give(value, ret_ptr, ret_size)
         if status == OK:
-            guest.write_u32(caller, ret_cas & U32, cas)
+            mem.write_u32(ret_cas, cas)
         return status
 
-    def proxy_set_shared_data(self, caller, key_ptr, key_size, value_ptr, value_size, cas):
-        guest = self.vm.guest
-        key = guest.read(caller, key_ptr & U32, key_size & U32)
-        value = guest.read(caller, value_ptr & U32, value_size & U32)
+    def proxy_set_shared_data(self, key_ptr, key_size, value_ptr, value_size, cas):
+        mem = self.mem
+        key = mem.read(key_ptr, key_size)
+        value = mem.read(value_ptr, value_size)
         if key is None or value is None:
             return INVALID_MEMORY_ACCESS
-        return self.vm.shared.set_data(self.vm.vm_id, key, value, cas & U32)
+        return self.vm.shared.set_data(self.vm.vm_id, key, value, cas)
 
-    def proxy_register_shared_queue(self, caller, name_ptr, name_size, ret_id):
-        guest = self.vm.guest
-        name = guest.read(caller, name_ptr & U32, name_size & U32)
-        if name is None or not guest.writable(caller, (ret_id & U32, 4)):
+    def proxy_register_shared_queue(self, name_ptr, name_size, ret_id):
+        mem = self.mem
+        name = mem.read(name_ptr, name_size)
+        if name is None or not mem.writable((ret_id, 4)):
             return INVALID_MEMORY_ACCESS
         ctx = self.ctx
         if ctx is None:
             return BAD_ARGUMENT
         queue_id = self.vm.shared.register_queue(self.vm.vm_id, name, ctx.root)
-        guest.write_u32(caller, ret_id & U32, queue_id)
+        mem.write_u32(ret_id, queue_id)
         return OK
 
-    def proxy_resolve_shared_queue(self, caller, vm_id_ptr, vm_id_size, name_ptr, name_size, ret_id):
-        guest = self.vm.guest
-        vm_id = guest.read(caller, vm_id_ptr & U32, vm_id_size & U32)
-        name = guest.read(caller, name_ptr & U32, name_size & U32)
-        if vm_id is None or name is None or not guest.writable(caller, (ret_id & U32, 4)):
+    def proxy_resolve_shared_queue(self, vm_id_ptr, vm_id_size, name_ptr, name_size, ret_id):
+        mem = self.mem
+        vm_id = mem.read(vm_id_ptr, vm_id_size)
+        name = mem.read(name_ptr, name_size)
+        if vm_id is None or name is None or not mem.writable((ret_id, 4)):
             return INVALID_MEMORY_ACCESS
         queue_id = self.vm.shared.resolve_queue(vm_id.decode("utf-8", "replace") or self.vm.vm_id, name)
         if queue_id is None:
             return NOT_FOUND
-        guest.write_u32(caller, ret_id & U32, queue_id)
+        mem.write_u32(ret_id, queue_id)
         return OK
 
-    def proxy_enqueue_shared_queue(self, caller, queue_id, data_ptr, data_size):
-        data = self.vm.guest.read(caller, data_ptr & U32, data_size & U32)
+    def proxy_enqueue_shared_queue(self, queue_id, data_ptr, data_size):
+        data = self.mem.read(data_ptr, data_size)
         if data is None:
             return INVALID_MEMORY_ACCESS
-        return self.vm.shared.enqueue(queue_id & U32, data)
+        return self.vm.shared.enqueue(queue_id, data)
 
-    def proxy_dequeue_shared_queue(self, caller, queue_id, ret_ptr, ret_size):
-        guest = self.vm.guest
-        if not guest.writable(caller, (ret_ptr & U32, 4), (ret_size & U32, 4)):
+    def proxy_dequeue_shared_queue(self, queue_id, ret_ptr, ret_size):
+        mem = self.mem
+        if not mem.writable((ret_ptr, 4), (ret_size, 4)):
             return INVALID_MEMORY_ACCESS
-        found = self.vm.shared.dequeue(queue_id & U32)
+        found = self.vm.shared.dequeue(queue_id)
         if isinstance(found, Status):
             return found
-        return guest.give(caller, found, ret_ptr & U32, ret_size & U32)
+        return mem.give(found, ret_ptr, ret_size)
 
-    def proxy_define_metric(self, caller, metric_type, name_ptr, name_size, ret_id):
-        guest = self.vm.guest
-        metric_type &= U32
-        name = guest.read(caller, name_ptr & U32, name_size & U32)
-        if name is None or not guest.writable(caller, (ret_id & U32, 4)):
+    def proxy_define_metric(self, metric_type, name_ptr, name_size, ret_id):
+        mem = self.mem
+        name = mem.read(name_ptr, name_size)
+        if name is None or not mem.writable((ret_id, 4)):
             return INVALID_MEMORY_ACCESS
         if metric_type > MetricType.HISTOGRAM:
             return BAD_ARGUMENT
-        guest.write_u32(caller, ret_id & U32, self.vm.shared.define_metric(metric_type, name))
+        mem.write_u32(ret_id, self.vm.shared.define_metric(metric_type, name))
         return OK
 
-    def proxy_increment_metric(self, caller, metric_id, delta):
-        return self.vm.shared.increment_metric(metric_id & U32, delta)
+    def proxy_increment_metric(self, metric_id, delta):
+        return self.vm.shared.increment_metric(metric_id, delta)
 
-    def proxy_record_metric(self, caller, metric_id, value):
-        return self.vm.shared.record_metric(metric_id & U32, value & 0xFFFFFFFFFFFFFFFF)
+    def proxy_record_metric(self, metric_id, value):
+        return self.vm.shared.record_metric(metric_id, value & 0xFFFFFFFFFFFFFFFF)
 
-    def proxy_get_metric(self, caller, metric_id, ret_value):
-        guest = self.vm.guest
-        if not guest.writable(caller, (ret_value & U32, 8)):
+    def proxy_get_metric(self, metric_id, ret_value):
+        mem = self.mem
+        if not mem.writable((ret_value, 8)):
             return INVALID_MEMORY_ACCESS
-        found = self.vm.shared.get_metric(metric_id & U32)
+        found = self.vm.shared.get_metric(metric_id)
         if isinstance(found, Status):
             return found
-        guest.write_u64(caller, ret_value & U32, found)
+        mem.write_u64(ret_value, found)
         return OK
 
     # -- env: emscripten extras ------------------------------------------------
 
-    def emscripten_notify_memory_growth(self, caller, index):
+    def emscripten_notify_memory_growth(self, index):
         return None
 
-    def pthread_equal(self, caller, a, b):
+    def pthread_equal(self, a, b):
         return 1 if a == b else 0
 
     # -- WASI ----------------------------------------------------------------
 
-    def wasi_args_sizes_get(self, caller, ret_count, ret_size):
-        guest = self.vm.guest
-        if not guest.writable(caller, (ret_count & U32, 4), (ret_size & U32, 4)):
+    def wasi_args_sizes_get(self, ret_count, ret_size):
+        mem = self.mem
+        if not mem.writable((ret_count, 4), (ret_size, 4)):
             return Errno.FAULT
-        guest.write_u32(caller, ret_count & U32, 0)
-        guest.write_u32(caller, ret_size & U32, 0)
+        mem.write_u32(ret_count, 0)
+        mem.write_u32(ret_size, 0)
         return Errno.SUCCESS
 
-    def wasi_args_get(self, caller, argv, argv_buf):
+    def wasi_args_get(self, argv, argv_buf):
         return Errno.SUCCESS
 
     wasi_environ_sizes_get = wasi_args_sizes_get
     wasi_environ_get = wasi_args_get
 
-    def wasi_clock_res_get(self, caller, clock_id, ret):
-        if clock_id & U32 > 3:
+    def wasi_clock_res_get(self, clock_id, ret):
+        if clock_id > 3:
             return Errno.INVAL
-        return Errno.SUCCESS if self.vm.guest.write_u64(caller, ret & U32, 1000) else Errno.FAULT
+        return Errno.SUCCESS if self.mem.write_u64(ret, 1000) else Errno.FAULT
 
     _CLOCKS = (time.time_ns, time.monotonic_ns, time.process_time_ns, time.thread_time_ns)
 
-    def wasi_clock_time_get(self, caller, clock_id, precision, ret):
-        clock_id &= U32
+    def wasi_clock_time_get(self, clock_id, precision, ret):
         if clock_id > 3:
             return Errno.INVAL
         now = self._CLOCKS[clock_id]()
-        return Errno.SUCCESS if self.vm.guest.write_u64(caller, ret & U32, now) else Errno.FAULT
+        return Errno.SUCCESS if self.mem.write_u64(ret, now) else Errno.FAULT
 
-    def wasi_fd_write(self, caller, fd, iovs, iovs_len, ret_written):
-        fd &= U32
-        guest = self.vm.guest
-        raw = guest.read(caller, iovs & U32, 8 * (iovs_len & U32))
+    def wasi_fd_write(self, fd, iovs, iovs_len, ret_written):
+        mem = self.mem
+        raw = mem.read(iovs, 8 * iovs_len)
         if raw is None:
             return Errno.FAULT
         chunks = []
         for buf_ptr, buf_len in struct.iter_unpack("<II", raw):
-            data = guest.read(caller, buf_ptr, buf_len)
+            data = mem.read(buf_ptr, buf_len)
             if data is None:
                 return Errno.FAULT
             chunks.append(data)
         data = b"".join(chunks)
         if fd not in (1, 2):
             return Errno.BADF
-        if not guest.write_u32(caller, ret_written & U32, len(data)):
+        if not mem.write_u32(ret_written, len(data)):
             return Errno.FAULT
         pending = self.output[fd] + data
         *lines, rest = pending.split(b"\n")
@@ -765,60 +730,58 @@ class Host:
         self.output[fd] = rest
         return Errno.SUCCESS
 
-    def wasi_fd_read(self, caller, fd, iovs, iovs_len, ret_read):
-        if fd & U32 != 0:
+    def wasi_fd_read(self, fd, iovs, iovs_len, ret_read):
+        if fd != 0:
             return Errno.BADF
-        return Errno.SUCCESS if self.vm.guest.write_u32(caller, ret_read & U32, 0) else Errno.FAULT  # EOF
+        return Errno.SUCCESS if self.mem.write_u32(ret_read, 0) else Errno.FAULT  # EOF
 
-    def wasi_fd_close(self, caller, fd):
-        return Errno.SUCCESS if fd & U32 <= 2 else Errno.BADF
+    def wasi_fd_close(self, fd):
+        return Errno.SUCCESS if fd <= 2 else Errno.BADF
 
-    def wasi_fd_fdstat_get(self, caller, fd, ret):
-        if fd & U32 > 2:
+    def wasi_fd_fdstat_get(self, fd, ret):
+        if fd > 2:
             return Errno.BADF
-        return Errno.SUCCESS if self.vm.guest.write(caller, ret & U32, _FDSTAT_STDIO) else Errno.FAULT
+        return Errno.SUCCESS if self.mem.write(ret, _FDSTAT_STDIO) else Errno.FAULT
 
-    def wasi_fd_fdstat_set_flags(self, caller, fd, flags):
-        return Errno.SUCCESS if fd & U32 <= 2 else Errno.BADF
+    def wasi_fd_fdstat_set_flags(self, fd, flags):
+        return Errno.SUCCESS if fd <= 2 else Errno.BADF
 
-    def wasi_fd_prestat_get(self, caller, fd, ret):
+    def wasi_fd_prestat_get(self, fd, ret):
         return Errno.BADF  # no preopened directories
 
-    def wasi_fd_prestat_dir_name(self, caller, fd, path, path_len):
+    def wasi_fd_prestat_dir_name(self, fd, path, path_len):
         return Errno.BADF
 
-    def wasi_fd_seek(self, caller, fd, offset, whence, ret):
-        return Errno.SPIPE if fd & U32 <= 2 else Errno.BADF
+    def wasi_fd_seek(self, fd, offset, whence, ret):
+        return Errno.SPIPE if fd <= 2 else Errno.BADF
 
-    def wasi_poll_oneoff(self, caller, subs, events, nsubs, ret_nevents):
+    def wasi_poll_oneoff(self, subs, events, nsubs, ret_nevents):
         """Every subscription fires at once: a worker must not sleep inside a filter."""
-        nsubs &= U32
         if nsubs == 0:
             return Errno.INVAL
-        guest = self.vm.guest
-        raw = guest.read(caller, subs & U32, 48 * nsubs)
-        if raw is None or not guest.writable(caller, (events & U32, 32 * nsubs), (ret_nevents & U32, 4)):
+        mem = self.mem
+        raw = mem.read(subs, 48 * nsubs)
+        if raw is None or not mem.writable((events, 32 * nsubs), (ret_nevents, 4)):
             return Errno.FAULT
         out = b"".join(
             struct.pack("<QHB5xQH6x", *struct.unpack_from("<Q", raw, 48 * i), 0, raw[48 * i + 8], 0, 0)
             for i in range(nsubs)
         )
-        guest.write(caller, events & U32, out)
-        guest.write_u32(caller, ret_nevents & U32, nsubs)
+        mem.write(events, out)
+        mem.write_u32(ret_nevents, nsubs)
         return Errno.SUCCESS
 
-    def wasi_proc_exit(self, caller, code):
-        raise GuestExit(code & U32)
+    def wasi_proc_exit(self, code):
+        raise GuestExit(code)
 
-    def wasi_proc_raise(self, caller, signal):
-        raise GuestAbort(f"proc_raise({signal & U32})")
+    def wasi_proc_raise(self, signal):
+        raise GuestAbort(f"proc_raise({signal})")
 
-    def wasi_sched_yield(self, caller):
+    def wasi_sched_yield(self):
         return Errno.SUCCESS
 
-    def wasi_random_get(self, caller, buf, size):
-        size &= U32
-        if not self.vm.guest.writable(caller, (buf & U32, size)):
+    def wasi_random_get(self, buf, size):
+        if not self.mem.writable((buf, size)):
             return Errno.FAULT
-        self.vm.guest.write(caller, buf & U32, os.urandom(size))
+        self.mem.write(buf, os.urandom(size))
         return Errno.SUCCESS

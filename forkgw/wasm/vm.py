@@ -39,8 +39,8 @@ from ..conf.model import Wasm, WasmModule
 from ..errors import ConfError
 from ..log import ErrorLog
 from .abi import ABI_MARKERS, BufferType
-from .guest import Guest
-from .host import UNWIND, GuestAbort, GuestExit, Host, resolve_import, signature
+from .guest import UNWIND, Guest, GuestAbort, GuestExit, new_guest, signature
+from .host import Host, resolve_import
 
 BOOT_TIMEOUT = 10.0  # seconds _initialize/_start/on_vm_start/on_configure may run
 MAX_CONTEXT_ID = 0x7FFFFFFF  # ids go to wasm as i32 params
@@ -91,6 +91,9 @@ def new_engine() -> wasmtime.Engine:
     config = wasmtime.Config()
     config.parallel_compilation = False
     config.epoch_interruption = True
+    # a memory's base address never changes (growth stays inside the reservation,
+    # 4 GiB on 64-bit hosts, the whole 32-bit space): the boundary caches it
+    config.memory_may_move = False
     return wasmtime.Engine(config)
 
 
@@ -162,6 +165,7 @@ class EpochTicker:
     def __init__(self, engine: wasmtime.Engine, interval: float):
         self.engine = engine
         self.interval = interval
+        self.ticks = 0  # counted before each epoch increment: a guest that sees it unchanged need not re-arm
         self.users = 0
         self.pid = 0
         self.stop_event: threading.Event | None = None
@@ -189,6 +193,7 @@ class EpochTicker:
 
     def _run(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval):
+            self.ticks += 1
             self.engine.increment_epoch()
 
 
@@ -249,6 +254,7 @@ class VM:
     def __init__(self, module: CompiledModule, compiled: Compiled, wasm: Wasm, log: ErrorLog, shared, on_failure):
         self.module = module
         self.engine = compiled.engine
+        self.ticker = compiled.ticker
         self.callback_ticks = compiled.callback_ticks
         self.boot_ticks = compiled.boot_ticks
         self.callback_timeout = wasm.callback_timeout
@@ -301,12 +307,13 @@ class VM:
         store = wasmtime.Store(self.engine)
         store.set_limits(memory_size=self.memory_max)
         self.store = store
-        self.host = Host(self)
+        guest = new_guest(store, self.boot_ticks, memory_fixed=True, epoch=self.ticker)  # new_engine(): fixed
+        self.host = Host(self, guest)
         linker = wasmtime.Linker(self.engine)
         self.host.link(linker, self.module.plan)
         store.set_epoch_deadline(self.boot_ticks)
-        instance = linker.instantiate(store, self.module.module)
-        self.guest = Guest(store, instance, self.boot_ticks)
+        guest.instantiate(linker, self.module.module)
+        self.guest = guest
 
     def _start_functions(self) -> None:
         path = self.module.path
@@ -407,8 +414,7 @@ class VM:
             self.log.crit(f"{self.label}: host error during {export}: {err!r}")
             self._fail(ctx, export, err, what)
         finally:
-            host.current = None
-            host.effective = None
+            host.current = host.effective = None
             host.flush_output()
 
     def _fail(self, ctx, export: str, err: BaseException, what: str | None):
@@ -446,7 +452,7 @@ class VM:
             # the store refuses memory.grow past memory_max (grow returns -1); the guest
             # then usually traps (allocation failure): say so when memory is near the cap
             try:
-                size = self.guest.memory_size(self.store)
+                size = self.guest.memory_size()
             except wasmtime.WasmtimeError:
                 size = 0
             if size * 4 >= self.memory_max * 3:
