@@ -17,6 +17,7 @@ from typing import Callable
 import h11
 
 from forkgw.conf.model import Settings, Upstream, UpstreamServer
+from forkgw.http.messages import split_pseudo
 from forkgw.http.upstream import ProxyRequest
 
 MAX_CALLOUT_BODY = 16 * 1024 * 1024
@@ -122,16 +123,8 @@ def dispatch(worker, target: str, headers: list[tuple[bytes, bytes]], body: byte
     upstream = callout_upstream(worker, target)
     if upstream is None:
         return False
-    method, path, authority, rest = b"GET", b"/", b"", []
-    for name, value in headers:
-        if name == b":method":
-            method = value
-        elif name == b":path":
-            path = value
-        elif name == b":authority":
-            authority = value
-        elif not name.startswith(b":") and name not in (b"content-length", b"transfer-encoding"):
-            rest.append((name, value))
+    method, path, authority, rest = split_pseudo(headers, b"GET", b"/")
+    rest = [h for h in rest if h[0] not in (b"content-length", b"transfer-encoding")]
     rest.insert(0, (b"host", authority or target.encode()))
     if body or method in (b"POST", b"PUT", b"PATCH"):
         rest.append((b"content-length", str(len(body)).encode()))

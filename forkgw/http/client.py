@@ -32,6 +32,7 @@ from forkgw.http.messages import (
     error_page,
     reason,
     server_header,
+    split_pseudo,
 )
 from forkgw.http.upstream import HIGH_WATER, READ_SIZE, ProxyRequest
 from forkgw.routing import proxy_uri
@@ -380,17 +381,8 @@ class ClientConnection:
 
     def apply_request_changes(self, request: h11.Request):
         """Rebuild the request from the map the request-phase filters left behind."""
-        method, target, host = request.method, request.target, b""
-        headers = []
-        for name, value in self.stream.request_headers:
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                target = value
-            elif name == b":authority":
-                host = value
-            elif not name.startswith(b":"):
-                headers.append((name, value))
+        method, target, host, headers = split_pseudo(self.stream.request_headers, request.method,
+                                                     request.target)
         if target != request.target:
             normalized = self.worker.normalize(target)
             if normalized is not None:
@@ -431,9 +423,7 @@ class ClientConnection:
         limit = self.settings.client_max_body_size
         if limit and state.request_length > limit and not self.head_sent:
             self.keepalive = False
-            if self.proxy is not None:
-                self.proxy.cancel()
-                self.proxy = None
+            self.drop_proxy()
             self.worker.log.error(f"client intended to send too large chunked body: "
                                   f"{state.request_length} bytes, client: {self.remote_addr}")
             self.respond_error(413)
@@ -503,9 +493,7 @@ class ClientConnection:
         self.respond(status, [(b"Content-Type", b"text/html")], error_page(status, self.settings.server_tokens))
 
     def send_local_reply(self, reply) -> None:
-        if self.proxy is not None:
-            self.proxy.cancel()
-            self.proxy = None
+        self.drop_proxy()
         headers = [(n.lower(), v) for n, v in reply.headers
                    if n.lower() not in (b"content-length", b"transfer-encoding")]
         self.respond(reply.status, headers, reply.body, filters=False)
@@ -542,9 +530,7 @@ class ClientConnection:
             self.state.status = status
             reply = self.stream.on_response_headers(status, head, end_of_stream)
             if reply is not None:
-                if self.proxy is not None:
-                    self.proxy.cancel()
-                    self.proxy = None
+                self.drop_proxy()
                 self.send_local_reply(reply)
                 return False
             status, head = self.stream.status, self.stream.response_headers
@@ -569,9 +555,7 @@ class ClientConnection:
             self.worker.log.error(f"invalid response head ({err}), client: {self.remote_addr}")
             self.head_sent = False
             self.keepalive = False
-            if self.proxy is not None:
-                self.proxy.cancel()
-                self.proxy = None
+            self.drop_proxy()
             self.respond(502, [(b"Content-Type", b"text/html")], error_page(502, settings.server_tokens),
                          filters=False)
             return False
@@ -718,9 +702,7 @@ class ClientConnection:
             self.worker.log.info(f"client timed out (110: Connection timed out) while reading client "
                                  f"request body, client: {self.remote_addr}")
             self.keepalive = False
-            if self.proxy is not None:
-                self.proxy.cancel()
-                self.proxy = None
+            self.drop_proxy()
             self.respond_error(408)
         elif self.phase == "head" and self.requests == 0 or self.h11.their_state is not h11.IDLE:
             if self.h11.trailing_data[0] or self.h11.their_state is not h11.IDLE:
@@ -732,21 +714,23 @@ class ClientConnection:
 
     def client_gone(self) -> None:
         """The client closed or reset: stop the upstream side, finish the filters, log 499."""
-        if self.proxy is not None:
-            self.proxy.cancel()
-            self.proxy = None
+        self.drop_proxy()
         if self.state is not None:
             if not self.head_sent:
                 self.state.status = 499
             self.finish_request()
         self.close()
 
-    def abort(self) -> None:
-        """Cut the connection mid-response, as nginx does when an upstream fails late."""
-        self.keepalive = False
+    def drop_proxy(self) -> None:
+        """Stop an exchange with an upstream that this client no longer needs."""
         if self.proxy is not None:
             self.proxy.cancel()
             self.proxy = None
+
+    def abort(self) -> None:
+        """Cut the connection mid-response, as nginx does when an upstream fails late."""
+        self.keepalive = False
+        self.drop_proxy()
         self.finish_request()
         self.close()
 

@@ -88,3 +88,18 @@ def end_to_end(headers) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers (those named by Connection included)."""
     listed = connection_tokens(headers)
     return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in listed]
+
+
+def split_pseudo(headers, method: bytes, path: bytes):
+    """A filter's header map back to HTTP/1.1: (method, path, authority, other headers)."""
+    authority, rest = b"", []
+    for name, value in headers:
+        if name == b":method":
+            method = value
+        elif name == b":path":
+            path = value
+        elif name == b":authority":
+            authority = value
+        elif not name.startswith(b":"):
+            rest.append((name, value))
+    return method, path, authority, rest
