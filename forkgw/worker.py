@@ -122,6 +122,10 @@ class Worker:
         self.normalize_target = normalize_path
         self.connections: set[ClientConnection] = set()
         self.conn_ids = itertools.count(1)
+        # $request_id: 32 hex digits like nginx's, a random half per worker and a counter,
+        # unique without a system call per request.
+        self.request_id_prefix = os.urandom(8).hex()
+        self.request_counter = itertools.count(1)
         self.draining = False
         self.running = True
         self.accepting = False
@@ -358,6 +362,9 @@ class Worker:
             return self.normalize_target(target)
         except ValueError:
             return None
+
+    def next_request_id(self) -> str:
+        return f"{self.request_id_prefix}{next(self.request_counter):016x}"
 
     def plan(self, settings: Settings) -> LocationPlan:
         plan = self._plans.get(id(settings))

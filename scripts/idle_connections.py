@@ -11,7 +11,6 @@ reports the workers' RSS before and after, per connection.  Loopback only.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import selectors
 import signal

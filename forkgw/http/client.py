@@ -18,7 +18,6 @@ connection always has one deadline that matches what it waits for.
 
 from __future__ import annotations
 
-import os
 import selectors
 import socket
 import time
@@ -28,10 +27,8 @@ import h11
 from forkgw.http.messages import (
     ADD_HEADER_STATUSES,
     REDIRECTS,
-    end_to_end,
     error_page,
     reason,
-    server_header,
     split_pseudo,
 )
 from forkgw.http.upstream import HIGH_WATER, READ_SIZE, ProxyRequest
@@ -100,7 +97,7 @@ class RequestState:
     @property
     def request_id(self) -> str:
         if self._request_id is None:
-            self._request_id = os.urandom(16).hex()
+            self._request_id = self.conn.worker.next_request_id()
         return self._request_id
 
     def header(self, name: str) -> str:

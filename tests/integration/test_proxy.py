@@ -6,9 +6,8 @@ import json
 import socket
 import time
 
-import pytest
 
-from conftest import Upstream, free_port
+from conftest import free_port
 
 
 def conf(*servers: int, keepalive: int = 8, extra: str = "", location: str = "") -> str:
