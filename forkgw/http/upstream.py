@@ -27,6 +27,7 @@ from forkgw.conf.model import Upstream, UpstreamServer
 from forkgw.http.messages import end_to_end
 
 READ_SIZE = 65536
+NON_IDEMPOTENT = frozenset({b"POST", b"LOCK", b"PATCH"})
 HIGH_WATER = 256 * 1024  # bytes queued toward a slow reader before its source pauses
 REPLAY_LIMIT = 64 * 1024  # body bytes kept so a failed attempt can be replayed
 IDLE_TIMEOUT = 60.0  # idle keep-alive connection to an upstream (nginx's default)
@@ -87,6 +88,9 @@ class Balancer:
         if best is not None:
             best.current -= total
         return best
+
+    def has_untried(self, now: float, tried: set[Peer]) -> bool:
+        return any(p not in tried and p.down_until <= now for p in self.primary + self.backup)
 
     @staticmethod
     def failed(peer: Peer, now: float) -> None:
@@ -278,6 +282,7 @@ class ProxyRequest:
         self.pending: list[bytes] = []  # body chunks waiting for the connection to open
         self.body_ended = not has_body
         self.response_started = False
+        self.sent = False  # the request went out to some peer (a retry would resend it)
         self.done = False
         self.attempt_start = 0.0
         self.addrs: list[str] = []
@@ -314,6 +319,7 @@ class ProxyRequest:
     def upstream_connected(self, conn: UpstreamConnection) -> None:
         conn.connected = True
         conn.requests += 1
+        self.sent = True
         conn.send(self.request)
         for chunk in self.replay if self.replay is not None else self.pending:
             conn.send(h11.Data(data=chunk))
@@ -326,13 +332,15 @@ class ProxyRequest:
         self.worker.set_deadline(conn, self.settings.proxy_read_timeout if not conn.out
                                  else self.settings.proxy_send_timeout)
 
-    def retryable(self, timeout: bool) -> bool:
+    def retryable(self, timeout: bool, status: int = 0) -> bool:
         allowed = self.settings.proxy_next_upstream
         if "off" in allowed or self.response_started or self.client.closed:
             return False
         if self.replay is None:
             return False  # part of the body is gone already: cannot replay
-        return ("timeout" if timeout else "error") in allowed
+        if self.sent and self.request.method in NON_IDEMPOTENT and "non_idempotent" not in allowed:
+            return False  # nginx never sends a POST twice unless told to
+        return status != 0 or ("timeout" if timeout else "error") in allowed
 
     def upstream_failed(self, conn: UpstreamConnection, what: str, err: Exception | None,
                         timeout: bool = False, count_failure: bool = True) -> None:
@@ -444,6 +452,18 @@ class ProxyRequest:
             self.conn.want(selectors.EVENT_READ | (selectors.EVENT_WRITE if self.conn.out else 0))
 
     def response_head(self, conn: UpstreamConnection, event: h11.Response) -> None:
+        status = event.status_code
+        if f"http_{status}" in self.settings.proxy_next_upstream and self.retryable(False, status) \
+                and self.balancer.has_untried(time.monotonic(), self.tried):
+            # nginx's proxy_next_upstream http_XXX: this answer is dropped for the next peer's
+            # (and the last peer's answer, whatever it is, goes to the client).
+            self.record_attempt(str(status))
+            conn.close()
+            self.conn = None
+            if status not in (403, 404):  # nginx does not count those against the peer
+                self.balancer.failed(conn.peer, time.monotonic())
+            self.start()
+            return
         self.response_started = True
         self.balancer.succeeded(conn.peer)
         self.statuses.append(str(event.status_code))

@@ -191,3 +191,25 @@ def test_access_log_records_upstream(gateway, upstream):
     gateway.stop()
     line = (gateway.prefix / "logs" / "up.log").read_text().splitlines()[-1]
     assert line == f"200 127.0.0.1:{upstream.port} 200"
+
+
+def test_next_upstream_on_http_status(gateway, upstream, upstream2):
+    """proxy_next_upstream http_503: a 503 is dropped for the next peer's answer; the last one stands."""
+    body = conf(upstream.port, upstream2.port, extra="proxy_next_upstream error timeout http_503;")
+    for port in (upstream.port, upstream2.port):  # no passive health: both peers every time
+        body = body.replace(f"server 127.0.0.1:{port};", f"server 127.0.0.1:{port} max_fails=0;")
+    gateway.start(body)
+    for _ in range(4):
+        status, _, body = gateway.request("GET", "/status/503")
+        assert status == 503  # both peers answer 503: the last answer goes to the client
+    hits = len(upstream.hits) + len(upstream2.hits)
+    assert hits == 8  # every request tried both peers
+
+
+def test_post_is_not_retried_after_it_was_sent(gateway, upstream, upstream2):
+    """nginx never sends a non-idempotent request twice unless proxy_next_upstream says non_idempotent."""
+    body = conf(upstream.port, upstream2.port, extra="proxy_next_upstream error timeout http_503;")
+    gateway.start(body)
+    status, _, _ = gateway.request("POST", "/status/503", body=b"x")
+    assert status == 503
+    assert len(upstream.hits) + len(upstream2.hits) == 1
