@@ -83,7 +83,10 @@ def bind(listen: Listen) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     try:
         sock.bind((listen.addr, listen.port))
-        sock.listen(listen.backlog)
+        if not listen.reuseport:
+            sock.listen(listen.backlog)
+        # With reuseport the master only holds the address (bound, not listening, so the
+        # kernel hands it no connection); each worker listens on a socket of its own.
     except OSError as err:
         sock.close()
         raise ConfError(f"bind() to {listen.addr}:{listen.port} failed ({err.errno}: {err.strerror})",

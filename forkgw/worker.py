@@ -166,6 +166,7 @@ class Worker:
                 self.log.alert(f"setrlimit(RLIMIT_NOFILE, {limit}) failed ({err})")
         for settings in all_settings(self.config):
             self.plan(settings)  # opens the access logs while we may still be root
+        self.listen_own_sockets()  # binds while we may still be root, too
         try:
             drop_privileges(self.config, self.log)
         except (KeyError, OSError) as err:
@@ -209,6 +210,27 @@ class Worker:
             self.wasm_deadline = self.runtime.tick(time.monotonic())
         else:
             self.shm.ready_queues()  # nobody to tell: just drain the socket
+
+    def listen_own_sockets(self) -> None:
+        """`listen … reuseport`: a socket per worker, so the kernel spreads connections evenly.
+
+        The inherited socket of such an address is only bound (see master.bind); a
+        socket handed over by systemd is listening already and is used as it is.
+        """
+        for listen in self.config.listens():
+            inherited = self.listeners.get(listen.key)
+            if not listen.reuseport or inherited is None or is_listening(inherited):
+                continue
+            own = socket.socket(inherited.family, socket.SOCK_STREAM)
+            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if inherited.family == socket.AF_INET6:
+                own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            own.bind((listen.addr, listen.port))
+            own.listen(listen.backlog)
+            own.setblocking(False)
+            inherited.close()
+            self.listeners = {**self.listeners, listen.key: own}
 
     def tell_master(self, message: str) -> None:
         try:
@@ -506,6 +528,10 @@ class Worker:
         self.flush_logs()
         sys.stdout.flush()
         os._exit(0)
+
+
+def is_listening(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
 def all_settings(config: Config):

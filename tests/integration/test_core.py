@@ -248,3 +248,17 @@ def test_metrics_endpoint_counts_every_worker(gateway):
     assert re.search(r"^forkgw_connections_accepted_total 2[4-9]$", text, re.M)
     assert re.search(r"^forkgw_request_duration_seconds_count 23$", text, re.M)
     assert "# TYPE forkgw_http_requests_total counter" in text
+
+
+def test_reuseport_gives_each_worker_its_own_socket(gateway):
+    gateway.start("""
+http {
+    server { listen 127.0.0.1:{port} reuseport; location / { return 200 "$pid"; } }
+}
+""", workers=2)
+    pids = {gateway.request("GET", "/")[2] for _ in range(60)}
+    assert len(pids) == 2  # the kernel spreads new connections over both workers' sockets
+    workers = gateway.worker_pids()
+    import subprocess
+    listening = subprocess.run(["ss", "-ltnpH", f"sport = :{gateway.port}"], capture_output=True, text=True).stdout
+    assert sum(f"pid={w}," in listening for w in workers) == 2, listening
