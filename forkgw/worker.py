@@ -191,6 +191,8 @@ class Worker:
             self.runtime.http_dispatcher = partial(dispatch_callout, self)
             if self.shared is not None:
                 self.runtime.shared = self.shared
+            # A stream resumed, or a tick period set, inside a request: tick on this loop turn.
+            self.runtime.wakeup = lambda: setattr(self, "wasm_deadline", self.now)
             try:
                 self.runtime.start(filters)
             except WasmBootError as err:

@@ -152,6 +152,19 @@ DIRECTIVES: tuple[Directive, ...] = (
        "created once, at start: it outlives worker crashes and reloads (a new size takes a "
        "restart). When full, `lru` evicts the least recently used keys; `none` refuses the write.",
        "shm_kv 32m eviction=none;"),
+    _d("body_buffer_size", [WASM], (1, 1), v.size_value, SET, "body_buffer_size",
+       "size", "1m",
+       "Most bytes of a request or response body one filter may hold back while it returns Pause "
+       "from its body callback. Past it a request is answered 413, and a response body passes through "
+       "that filter unmodified. Filters that stream the body are not limited.",
+       "body_buffer_size 8m;"),
+    _d("inspect_bodies", [WASM], (1, 1), v.flag_value, SET, "inspect_bodies",
+       "on | off", "off",
+       "Every SDK exports every body callback, so exporting one says nothing: by default bodies go "
+       "through the chain only when one of its modules can change a body (imports "
+       "proxy_set_buffer_bytes). With `on`, filters that only read bodies get them too; either way "
+       "a chain that gets bodies holds each request body until its end and sends responses chunked.",
+       "inspect_bodies on;"),
     # -- http ------------------------------------------------------------------
     _d("server", [HTTP], (0, 0), v.nothing, APPEND, "servers",
        "{ ... }", None,

@@ -55,6 +55,7 @@ class Callout:
             return
         self.closed = True
         self.deadline = None
+        self.proxy = None  # break the cycle with the ProxyRequest: no garbage-collector pauses
         callback, self.on_done = self.on_done, None
         callback(result)
 

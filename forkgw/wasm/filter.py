@@ -1,4 +1,4 @@
-"""One request through a chain of wasm filters: phases, local replies, the end.
+"""One request through a chain of wasm filters: phases, bodies, pauses, the end.
 
 Theory of operation:
 - `Runtime.stream()` hands out a `Stream` per request.  Each filter of the
@@ -18,16 +18,54 @@ Theory of operation:
 - A filter that calls proxy_send_local_response ends the phase: the reply is
   returned whatever the callback returned, later filters are not called.
   One local reply per stream: a second one is ignored (answered OK, logged).
-- A callback returning Pause (non-zero) cannot be resumed yet (no callouts,
-  no body buffering): it is logged once per filter and phase and treated as
-  Continue.
+  proxy_close_stream is a local reply 502 with "connection: close": the
+  nearest HTTP/1.1 gets to a reset while keeping the access log line.
+- Pausing the request headers: a filter that returns Pause while one of its
+  HTTP callouts is in flight pauses the request.  `on_request_headers`
+  returns PAUSED, the worker waits (its client_header_timeout bounds the
+  wait), and the stream later calls `on_resume(reply_or_None)` from the
+  loop, never from inside a host call:
+  - proxy_continue_stream(0) (0.1.0: proxy_continue_request): the remaining
+    filters run; one may pause again (the worker keeps waiting, no
+    on_resume yet) or answer; then on_resume(None | LocalReply);
+  - a local response sent from the callout callback (effective context):
+    on_resume(that reply); proxy_close_stream: on_resume(LocalReply(502));
+  - none of these after the answer to its last call in flight: resumed
+    anyway (Kong's rule), logged at [warn];
+  - its VM failed meanwhile: on_error decides (500, or skip and resume).
+  When the outcome is known before the phase returns (a call that failed at
+  once), it is returned directly instead of PAUSED.  A Pause with no call
+  in flight cannot be resumed: logged once per filter and phase, treated as
+  Continue.  So is a Pause of the response headers: the response head is
+  never held (the callout's answer still reaches the filter).
+- Bodies: the worker feeds `on_request_body` / `on_response_body` every
+  chunk and a last call with end_of_stream (data may be empty), and only
+  for chains that need it (`wants_request_body`, `wants_response_body`,
+  computed once per chain by Runtime._wants: every SDK exports every
+  callback, so a module must also be able to change a body, or the conf
+  say `inspect_bodies on`).  Each filter that exports the callback has
+  its own buffer per phase, read and edited as BufferType 0 / 1 (prepend,
+  append, replace), with body_size = its size.  Continue passes the (edited)
+  buffer to the next filter and, after the last, back to the worker; Pause
+  (or StopIterationAndBuffer: anything non-zero) keeps it, the call returns
+  b"", and the next chunk is appended.  At end_of_stream everything goes on
+  (a Pause there is logged once and treated as Continue).
+- A paused body buffer is bounded by `wasm { body_buffer_size }`.  Past it,
+  a request body is answered 413; a response body passes through (its head
+  is on the wire already): what was buffered goes on unmodified, then the
+  rest, and that filter is not called again for this body.  Filters that
+  stream (Continue) are never limited.  A local response from a body
+  callback comes back as a LocalReply (for a response body the worker can
+  only cut the connection).
 - A filter whose VM traps (or is down, waiting for its rebuild): for
   on_error "fail" the phase returns LocalReply(500); for "continue" the
-  filter is skipped for the rest of the stream.  A local reply recorded by
-  the call that trapped is discarded.
+  filter is skipped for the rest of the stream (a body it held goes on
+  unfiltered).  A local reply recorded by the call that trapped is
+  discarded.
 - `finish()` runs proxy_on_done, then proxy_on_log, then proxy_on_delete for
   every context created (each step over all contexts, in chain order), once;
-  contexts whose VM died are skipped (never call a failed instance).
+  contexts whose VM died are skipped (never call a failed instance).  The
+  answers of callouts still in flight then only clean up.
 """
 
 from __future__ import annotations
@@ -35,6 +73,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from .abi import BufferType
 from .vm import HttpContext, Plugin, VMFailed
 
 
@@ -58,6 +97,7 @@ class LocalReply:
 
 
 _DEAD = object()  # this filter is out of the stream (VM failed or unavailable)
+_UNDECIDED = object()  # a paused request's outcome, while not known
 
 # on_request_headers' answer when a filter paused the request (e.g. for a callout):
 # the worker waits, and the stream calls `on_resume(LocalReply | None)` from the loop.
@@ -65,6 +105,10 @@ PAUSED = object()
 
 ON_REQUEST_HEADERS = "proxy_on_request_headers"
 ON_RESPONSE_HEADERS = "proxy_on_response_headers"
+ON_REQUEST_BODY = "proxy_on_request_body"
+ON_RESPONSE_BODY = "proxy_on_response_body"
+
+TOO_LARGE = b"request body too large for the filters\n"
 
 
 def _pseudo_first(pairs: list[tuple[bytes, bytes]]) -> None:
@@ -77,13 +121,35 @@ def _pseudo_first(pairs: list[tuple[bytes, bytes]]) -> None:
             return
 
 
+class _Body:
+    """One body phase: what each filter holds back, and who no longer filters it."""
+
+    __slots__ = ("held", "passing", "warned")
+
+    def __init__(self):
+        self.held: dict[int, bytearray] = {}  # filter index -> its paused buffer
+        self.passing: set[int] = set()  # filters past body_buffer_size: the body goes by them
+        self.warned = False
+
+
 class Stream:
     """The filters' view of one request; the worker reads the maps back after each phase."""
 
-    def __init__(self, chain: list[tuple[Plugin, bool]], info: StreamInfo, log):
+    # State only pauses and bodies use: class defaults, so a plain request never sets them.
+    paused_at: int | None = None  # index of the filter whose Pause holds the request headers
+    request_eos = False
+    resume_requested = False
+    inline = False  # woken inside on_request_headers: the outcome is returned, not sent to on_resume
+    outcome = _UNDECIDED
+    bodies: tuple[_Body, _Body] | None = None
+
+    def __init__(self, chain: list[tuple[Plugin, bool]], info: StreamInfo, log, runtime=None,
+                 wants: tuple[bool, bool] = (False, False)):
         self.info = info
         self.log = log
         self.chain = chain  # (plugin, fail_closed)
+        self.runtime = runtime
+        self.callouts = runtime.callouts if runtime is not None else None
         self.contexts: list = [None] * len(chain)
         self.request_headers: list[tuple[bytes, bytes]] = []
         self.request_seen = False
@@ -96,20 +162,26 @@ class Stream:
         self.replied = False
         self.pending: LocalReply | None = None
         self.finished = False
-        # Body phases: set when a filter of the chain exports the callback (the worker then
-        # buffers the request body, and sends the response chunked); on_resume: see PAUSED.
-        self.wants_request_body = False
-        self.wants_response_body = False
+        # Body phases: set when the chain needs them (Runtime._wants; the worker then holds
+        # the request body, and sends the response chunked); on_resume: see PAUSED.
+        self.wants_request_body, self.wants_response_body = wants
         self.on_resume = None
 
     # -- phases ---------------------------------------------------------------
 
-    def on_request_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool) -> LocalReply | None:
+    def on_request_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool):
+        """None (go on), a LocalReply, or PAUSED (wait for on_resume)."""
         self.request_headers = [(name.lower(), value) for name, value in headers]
         self.request_seen = True
         if not self.chain:
             return None
         reply = self._run(ON_REQUEST_HEADERS, self.request_headers, end_of_stream)
+        callouts = self.callouts
+        if reply is PAUSED:
+            self.request_eos = end_of_stream
+            reply = self._settle(reply)
+        elif callouts is not None and (callouts.early or callouts.touched):
+            reply = self._settle(reply)
         _pseudo_first(self.request_headers)
         return reply
 
@@ -122,8 +194,19 @@ class Stream:
             return None
         self.response_map = [(b":status", str(status).encode())] + [(name.lower(), value) for name, value in headers]
         reply = self._run(ON_RESPONSE_HEADERS, self.response_map, end_of_stream)
+        callouts = self.callouts
+        if callouts is not None and (callouts.early or callouts.touched):
+            reply = self._settle(reply)
         self._read_back_response()
         return reply
+
+    def on_request_body(self, data: bytes, end_of_stream: bool):
+        """bytes to pass on now (b"" while a filter buffers), or a LocalReply."""
+        return self._body(0, ON_REQUEST_BODY, data, end_of_stream)
+
+    def on_response_body(self, data: bytes, end_of_stream: bool):
+        """bytes to send now (b"" while a filter buffers), or a LocalReply."""
+        return self._body(1, ON_RESPONSE_BODY, data, end_of_stream)
 
     def _read_back_response(self) -> None:
         status = None
@@ -139,12 +222,13 @@ class Stream:
                 self.log.warn(f'wasm: invalid ":status" "{status.decode("latin-1")}" set by a filter, ignored')
         self.response_headers = [pair for pair in self.response_map if not pair[0].startswith(b":")]
 
-    def _run(self, export: str, pairs: list, end_of_stream: bool) -> LocalReply | None:
+    def _run(self, export: str, pairs: list, end_of_stream: bool, start: int = 0):
+        """Run the filters from `start`: None, a LocalReply, or PAUSED (request headers only)."""
         if self.pending is not None:  # produced between phases (e.g. from a tick)
             reply, self.pending = self.pending, None
             return reply
         eos = 1 if end_of_stream else 0
-        for i, (plugin, fail_closed) in enumerate(self.chain):
+        for i, (plugin, fail_closed) in enumerate(self.chain[start:] if start else self.chain, start):
             ctx = self._context(i, plugin)
             if ctx is None:
                 if fail_closed:
@@ -168,7 +252,13 @@ class Stream:
                 reply, self.pending = self.pending, None
                 return reply
             if action:
-                self._paused(plugin, export, action)
+                if ctx.calls and export == ON_REQUEST_HEADERS:
+                    self.paused_at = i  # its callout's answer can resume the request
+                    return PAUSED
+                if export == ON_REQUEST_HEADERS:
+                    self._paused(plugin, export, action, "nothing can resume the stream yet")
+                else:
+                    self._paused(plugin, export, action, "a response head is never held")
         return None
 
     def _context(self, i: int, plugin: Plugin) -> HttpContext | None:
@@ -199,14 +289,168 @@ class Stream:
         self.replied = True
         return LocalReply(500, [], b"")
 
-    def _paused(self, plugin: Plugin, export: str, action: int) -> None:
+    def _paused(self, plugin: Plugin, export: str, action: int, why: str) -> None:
         if export in plugin.warned:
             return
         plugin.warned.add(export)
         self.log.warn(
             f"*{self.info.connection_id} {plugin.label}: {export} returned {action} (pause), "
-            "but nothing can resume the stream yet: continuing"
+            f"but {why}: continuing"
         )
+
+    # -- pause and resume -------------------------------------------------------
+
+    def _settle(self, reply):
+        """Deliver what this phase's callbacks set off (calls that failed at once, wake-ups).
+
+        Runs inside the phase: if that already decides a paused request, the
+        phase returns the outcome instead of PAUSED.  A reply recorded for the
+        stream meanwhile becomes the phase's reply.
+        """
+        self.inline = True
+        try:
+            self.callouts.settle(self)
+        finally:
+            self.inline = False
+        if reply is PAUSED:
+            if self.paused_at is not None:
+                return PAUSED
+            reply, self.outcome = self.outcome, _UNDECIDED
+            if reply is _UNDECIDED:
+                reply = None
+        if reply is None and self.pending is not None:
+            reply, self.pending = self.pending, None
+        return reply
+
+    def wake(self) -> None:
+        """Act on what callbacks did to this paused request (see the module docstring)."""
+        resume, self.resume_requested = self.resume_requested, False
+        i = self.paused_at
+        if i is None or self.finished:
+            return
+        if self.pending is not None:  # a local response, or proxy_close_stream
+            reply, self.pending = self.pending, None
+            self._complete(reply)
+            return
+        ctx = self.contexts[i]
+        plugin, fail_closed = self.chain[i]
+        if not isinstance(ctx, HttpContext) or ctx.vm.failed or ctx.vm is not plugin.state.vm:
+            self.contexts[i] = _DEAD
+            if fail_closed:
+                self._complete(self._fail_reply())
+                return
+            resume = True
+        elif not resume and not ctx.calls:
+            if "auto-resume" not in plugin.warned:  # Kong's rule; said once per filter
+                plugin.warned.add("auto-resume")
+                self.log.warn(f"*{self.info.connection_id} {plugin.label}: neither resumed nor answered the request "
+                              "after its last http callout: resuming it")
+            resume = True
+        if resume:
+            self.paused_at = None
+            reply = self._run(ON_REQUEST_HEADERS, self.request_headers, self.request_eos, i + 1)
+            if reply is not PAUSED:
+                _pseudo_first(self.request_headers)
+                self._complete(reply)
+
+    def _complete(self, reply: LocalReply | None) -> None:
+        """The paused request goes on (None) or is answered: tell the worker, or the phase still running."""
+        self.paused_at = None
+        if self.inline:
+            self.outcome = reply
+            return
+        callback = self.on_resume
+        if callback is not None:
+            callback(reply)
+
+    # -- bodies -------------------------------------------------------------------
+
+    def _body(self, phase: int, export: str, data: bytes, end: bool):
+        if self.pending is not None:  # produced since the last phase (a callout's answer, a tick)
+            reply, self.pending = self.pending, None
+            return reply
+        if not self.chain:
+            return data
+        bodies = self.bodies
+        if bodies is None:
+            bodies = self.bodies = (_Body(), _Body())
+        out = self._filter_body(phase, export, bodies[phase], data, end)
+        callouts = self.callouts
+        if callouts is not None and (callouts.early or callouts.touched):
+            reply = self._settle(None)
+            if reply is not None:
+                return reply
+        return out
+
+    def _filter_body(self, phase: int, export: str, body: _Body, data: bytes, end: bool):
+        buffer_type = BufferType.HTTP_REQUEST_BODY if phase == 0 else BufferType.HTTP_RESPONSE_BODY
+        limit = self.runtime.wasm.body_buffer_size if self.runtime is not None else 1 << 20
+        eos = 1 if end else 0
+        for i, (plugin, fail_closed) in enumerate(self.chain):
+            if i in body.passing:
+                continue
+            ctx = self._context(i, plugin)
+            if ctx is None:
+                held = body.held.pop(i, None)
+                if fail_closed:
+                    return self._fail_reply()
+                if held:
+                    data = bytes(held) + data  # what it held goes on unfiltered
+                continue
+            vm = ctx.vm
+            if not vm.has(export):
+                continue
+            buf = body.held.get(i)  # a bytearray while it buffers; else this chunk, bytes until edited
+            if buf is None:
+                buf = data
+            elif len(buf) + len(data) > limit:
+                del body.held[i]
+                if phase == 0:
+                    self.log.error(f"*{self.info.connection_id} {plugin.label}: request body over body_buffer_size "
+                                   f"({limit} bytes) while the filter buffers it: answered 413")
+                    body.held.clear()
+                    self.replied = True
+                    return LocalReply(413, [(b"content-type", b"text/plain")], TOO_LARGE)
+                if not body.warned:
+                    body.warned = True
+                    self.log.warn(f"*{self.info.connection_id} {plugin.label}: response body over body_buffer_size "
+                                  f"({limit} bytes) while the filter buffers it: passed through unfiltered")
+                body.passing.add(i)
+                data = bytes(buf) + data
+                continue
+            else:
+                buf += data
+            host = vm.host
+            buffers = host.buffers = {buffer_type: buf}
+            try:
+                action = vm.invoke(ctx, export, ctx.id, len(buf), eos)
+            except VMFailed:
+                self.contexts[i] = _DEAD
+                body.held.pop(i, None)
+                if self.pending is not None:
+                    self.pending = None
+                    self.replied = False
+                if fail_closed:
+                    return self._fail_reply()
+                data = bytes(buf)
+                continue
+            finally:
+                host.buffers = {}
+            buf = buffers[buffer_type]  # the first edit of a chunk makes it a bytearray
+            if self.pending is not None:
+                reply, self.pending = self.pending, None
+                body.held.clear()
+                return reply
+            if action and not end:
+                body.held[i] = buf if type(buf) is bytearray else bytearray(buf)  # the next chunk is appended
+                return b""
+            if action:
+                self._paused(plugin, export + " at end of stream", action, "the body is complete")
+            body.held.pop(i, None)
+            data = buf if type(buf) is bytes else bytes(buf)
+            if not data and not end:
+                return b""
+        return data
 
     # -- called by the host ---------------------------------------------------
 
@@ -222,6 +466,18 @@ class Stream:
         if self.log.enabled("info"):
             detail = f' ("{details.decode("utf-8", "replace")}")' if details else ""
             self.log.info(f"*{self.info.connection_id} {ctx.plugin.label}: local response {status}{detail}")
+        if self.paused_at is not None:
+            self.callouts.touch(self)
+
+    def continue_request(self) -> None:
+        """proxy_continue_stream(0): resume a paused request at the next safe point."""
+        if self.paused_at is not None and not self.finished:
+            self.resume_requested = True
+            self.callouts.touch(self)
+
+    def close(self, ctx) -> None:
+        """proxy_close_stream: a 502 and the connection closed (see the module docstring)."""
+        self.send_local_reply(ctx, 502, [(b"connection", b"close")], b"", b"proxy_close_stream")
 
     # -- the end --------------------------------------------------------------
 
@@ -230,6 +486,11 @@ class Stream:
         if self.finished:
             return
         self.finished = True
+        self.on_resume = None
+        if self.paused_at is not None:
+            self.paused_at = None
+        if self.bodies is not None:
+            self.bodies = None
         live = [ctx for ctx in self.contexts if isinstance(ctx, HttpContext)]
         self.contexts = []
         for export in ("proxy_on_done", "proxy_on_log", "proxy_on_delete"):
@@ -243,3 +504,6 @@ class Stream:
                     pass
         for ctx in live:
             ctx.vm.contexts.pop(ctx.id, None)
+        callouts = self.callouts
+        if callouts is not None and (callouts.early or callouts.touched):
+            callouts.settle(self)

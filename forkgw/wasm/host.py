@@ -24,11 +24,18 @@ Theory of operation:
 - Statuses are the ones the SDKs accept (the Rust SDK panics on anything it
   does not list): e.g. proxy_log, set_property, send_local_response always
   answer OK on valid input; unsupported calls answer the "not available"
-  status each SDK tolerates (http/grpc calls: InternalFailure; grpc stream
-  ops: NotFound; foreign functions: NotFound).
+  status each SDK tolerates (grpc calls: InternalFailure; grpc stream ops:
+  NotFound; foreign functions: NotFound).
+- Bodies and callouts: the stream puts the body buffer of the running body
+  callback in `buffers` (bytes until proxy_set_buffer_bytes first edits
+  it: then a bytearray in its place, which the stream reads back);
+  callouts.py puts the callout answer in `call` (maps 6/7,
+  proxy_get_status) and `buffers` (buffer 4) while
+  proxy_on_http_call_response runs.  Stream control (continue, close, a
+  local reply) only records what the filter asked: the stream acts on it
+  once the callback returned, never from inside the host call.
 
-Shared data, queues and metrics use `LocalShared` (shared.py): per worker,
-correct within one worker, not yet shared across workers.
+Shared data, queues and metrics use `LocalShared` or `ShmShared` (shared.py).
 """
 
 from __future__ import annotations
@@ -105,14 +112,14 @@ ENV_IMPLEMENTED = {
     "proxy_increment_metric": "iI:i",
     "proxy_record_metric": "iI:i",
     "proxy_get_metric": "ii:i",
+    "proxy_http_call": "iiiiiiiiii:i",
+    "proxy_dispatch_http_call": "iiiiiiiiii:i",
     "emscripten_notify_memory_growth": "i:",
     "pthread_equal": "ii:i",
 }
 
 # Not implemented yet: any declared type, this status (what the SDKs tolerate).
 ENV_STUBS = {
-    "proxy_http_call": Status.INTERNAL_FAILURE,  # Rust: Ok | BadArgument | InternalFailure
-    "proxy_dispatch_http_call": Status.INTERNAL_FAILURE,
     "proxy_grpc_call": Status.INTERNAL_FAILURE,
     "proxy_grpc_stream": Status.INTERNAL_FAILURE,
     "proxy_grpc_send": Status.NOT_FOUND,  # no such token
@@ -212,6 +219,8 @@ def _bad_header(name: bytes, value: bytes) -> bool:
     )
 
 
+_REQUIRED_PSEUDO = frozenset((b":method", b":path", b":authority"))
+
 _FDSTAT_STDIO = struct.pack("<BxHxxxxQQ", 2, 0, 0xFFFFFFFFFFFFFFFF, 0)  # character device
 _MAX_OUTPUT_LINE = 4096
 
@@ -225,7 +234,8 @@ class Host:
         self.log = vm.log
         self.current = None  # context whose callback runs
         self.effective = None  # set by proxy_set_effective_context
-        self.buffers: dict[int, bytes] = {}  # VM/plugin configuration while on_vm_start/on_configure run
+        self.buffers: dict = {}  # buffer type -> bytes or bytearray, while the callback that may read it runs
+        self.call = None  # callouts.CallResponse while proxy_on_http_call_response runs
         self.output = {1: b"", 2: b""}  # partial stdout/stderr lines
         self.warned: set[str] = set()
         self.log_level = next(
@@ -328,6 +338,11 @@ class Host:
         ctx = self.ctx
         stream = ctx.stream if ctx is not None else None
         if stream is None or map_type > MapType.RESPONSE_TRAILERS:
+            call = self.call
+            if call is not None and map_type == MapType.HTTP_CALL_RESPONSE_HEADERS:
+                return call.headers
+            if call is not None and map_type == MapType.HTTP_CALL_RESPONSE_TRAILERS:
+                return call.trailers
             return BAD_ARGUMENT
         if map_type == MapType.REQUEST_HEADERS:
             return stream.request_headers if stream.request_seen else BAD_ARGUMENT
@@ -366,6 +381,9 @@ class Host:
         if ctx is None:
             return BAD_ARGUMENT
         ctx.root.set_tick_period(period / 1000.0)
+        runtime = self.vm.runtime
+        if runtime is not None and runtime.wakeup is not None:
+            runtime.wakeup()  # the worker's next deadline may now be this tick
         return OK
 
     def proxy_set_effective_context(self, context_id):
@@ -393,6 +411,8 @@ class Host:
         data = self._buffer(buffer_type)
         if data is None:
             return NOT_FOUND
+        if type(data) is bytearray:  # an edited body: slice a view, not a copy
+            data = memoryview(data)
         return self.mem.give(data[start : start + max_size], ret_ptr, ret_size)
 
     def proxy_get_buffer_status(self, buffer_type, ret_length, ret_flags):
@@ -409,13 +429,30 @@ class Host:
         return OK
 
     def proxy_set_buffer_bytes(self, buffer_type, start, size, data_ptr, data_size):
+        """start 0 and size 0 prepend, start at or past the end appends, anything else replaces."""
         if buffer_type > BufferType.CALL_DATA:
             return BAD_ARGUMENT
-        if self.mem.read(data_ptr, data_size) is None:
+        data = self.mem.read(data_ptr, data_size)
+        if data is None:
             return INVALID_MEMORY_ACCESS
-        if buffer_type in (BufferType.VM_CONFIGURATION, BufferType.PLUGIN_CONFIGURATION, BufferType.CALL_DATA):
-            return BAD_ARGUMENT  # read-only
-        return NOT_FOUND  # bodies are not exposed to filters yet
+        buffers = self.buffers
+        buf = buffers.get(buffer_type)
+        if buf is None:
+            if buffer_type in (BufferType.VM_CONFIGURATION, BufferType.PLUGIN_CONFIGURATION, BufferType.CALL_DATA):
+                return BAD_ARGUMENT  # read-only
+            return NOT_FOUND
+        if buffer_type > BufferType.HTTP_RESPONSE_BODY:
+            return BAD_ARGUMENT  # read-only: configuration, a callout's answer
+        if type(buf) is not bytearray:  # a chunk is bytes until its first edit; the stream reads it back
+            buf = buffers[buffer_type] = bytearray(buf)
+        length = len(buf)
+        if start == 0 and size == 0:
+            buf[0:0] = data
+        elif start >= length:
+            buf += data
+        else:
+            buf[start : min(start + size, length)] = data
+        return OK
 
     # -- env: header maps -----------------------------------------------------
 
@@ -510,12 +547,29 @@ class Host:
     # -- env: stream control ---------------------------------------------------
 
     def proxy_continue_stream(self, stream_type):
-        return OK if stream_type <= 3 else BAD_ARGUMENT
+        """Request: resume it if paused; response (never held), downstream, upstream: nothing to do."""
+        if stream_type > 3:
+            return BAD_ARGUMENT
+        if stream_type == 0:
+            self._continue_request()
+        return OK
+
+    def _continue_request(self):
+        ctx = self.ctx
+        stream = ctx.stream if ctx is not None else None
+        if stream is not None:
+            stream.continue_request()
 
     def proxy_close_stream(self, stream_type):
-        return OK if stream_type <= 3 else BAD_ARGUMENT
+        if stream_type > 3:
+            return BAD_ARGUMENT
+        ctx = self.ctx
+        if ctx is not None and ctx.stream is not None:
+            ctx.stream.close(ctx)
+        return OK
 
     def proxy_continue_request(self):
+        self._continue_request()
         return OK
 
     def proxy_continue_response(self):
@@ -550,10 +604,71 @@ class Host:
         return OK
 
     def proxy_get_status(self, ret_code, ret_ptr, ret_size):
+        """The callout's HTTP status during proxy_on_http_call_response (0: it failed); else 0."""
         mem = self.mem
-        if not mem.write_u32(ret_code, 0):
+        call = self.call
+        if not mem.write_u32(ret_code, call.status if call is not None else 0):
             return INVALID_MEMORY_ACCESS
         return mem.give(b"", ret_ptr, ret_size)
+
+    # -- env: HTTP callouts ------------------------------------------------------
+
+    def proxy_http_call(self, upstream_ptr, upstream_size, headers_ptr, headers_size, body_ptr, body_size,
+                        trailers_ptr, trailers_size, timeout_ms, ret_token):
+        return self._http_call("proxy_http_call", upstream_ptr, upstream_size, headers_ptr, headers_size,
+                               body_ptr, body_size, trailers_ptr, trailers_size, timeout_ms, ret_token)
+
+    def proxy_dispatch_http_call(self, upstream_ptr, upstream_size, headers_ptr, headers_size, body_ptr,
+                                 body_size, trailers_ptr, trailers_size, timeout_ms, ret_token):
+        return self._http_call("proxy_dispatch_http_call", upstream_ptr, upstream_size, headers_ptr,
+                               headers_size, body_ptr, body_size, trailers_ptr, trailers_size, timeout_ms,
+                               ret_token)
+
+    def _http_call(self, name, upstream_ptr, upstream_size, headers_ptr, headers_size, body_ptr, body_size,
+                   trailers_ptr, trailers_size, timeout_ms, ret_token):
+        """Start a callout; the token goes to ret_token (0 first, as cpp-host, to check the pointer).
+
+        BadArgument: an unknown upstream (neither an `upstream` block nor a
+        literal ip:port), headers that do not parse or lack :method, :path or
+        :authority.  Trailers are accepted and dropped (HTTP/1.1 callouts).
+        """
+        runtime = self.vm.runtime
+        if runtime is None or runtime.http_dispatcher is None:  # no worker loop to run it on
+            return self._unsupported(name, Status.INTERNAL_FAILURE)
+        mem = self.mem
+        upstream = mem.read(upstream_ptr, upstream_size)
+        raw_headers = mem.read(headers_ptr, headers_size)
+        body = mem.read(body_ptr, body_size)
+        raw_trailers = mem.read(trailers_ptr, trailers_size)
+        if upstream is None or raw_headers is None or body is None or raw_trailers is None:
+            return INVALID_MEMORY_ACCESS
+        if not mem.write_u32(ret_token, 0):
+            return INVALID_MEMORY_ACCESS
+        headers = decode_pairs(raw_headers)
+        ctx = self.ctx
+        if headers is None or decode_pairs(raw_trailers) is None or ctx is None:
+            return BAD_ARGUMENT
+        headers = [(key.lower(), value) for key, value in headers]
+        if not _REQUIRED_PSEUDO <= {key for key, _ in headers} or any(_bad_header(k, v) for k, v in headers):
+            return BAD_ARGUMENT
+        try:
+            target = upstream.decode("ascii")
+        except UnicodeDecodeError:
+            return BAD_ARGUMENT
+        token = runtime.callouts.dispatch(ctx, target, headers, body, timeout_ms)
+        if isinstance(token, Status):
+            if token == BAD_ARGUMENT and f"upstream {target}" not in self.warned:
+                self.warned.add(f"upstream {target}")
+                self.log.warn(f'{self.label()}: {name}: unknown upstream "{target}" (an upstream block or ip:port)')
+            return token
+        mem.write_u32(ret_token, token)
+        return OK
+
+    def _unsupported(self, name: str, status: int) -> int:
+        if name not in self.warned:
+            self.warned.add(name)
+            self.log.warn(f"{self.label()}: {name} is not supported yet, answering status {int(status)}")
+        return status
 
     # -- env: properties -------------------------------------------------------
 

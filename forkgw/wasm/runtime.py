@@ -15,7 +15,14 @@ Theory of operation:
   (500 or skipped, per on_error).
 - `tick(now)` (now = time.monotonic()) performs due rebuilds, fires
   proxy_on_tick for root contexts that set a tick period, delivers
-  proxy_on_queue_ready, and returns the next monotonic deadline (or None).
+  proxy_on_queue_ready, wakes paused requests that wait for the loop, and
+  returns the next monotonic deadline (or None).  A tick may dispatch
+  callouts (their answers go to the root context).
+- HTTP callouts (callouts.py) go through `http_dispatcher(target, headers,
+  body, timeout_s, on_done) -> bool`, which the worker sets; without it
+  proxy_http_call answers InternalFailure.  `wakeup`, if the worker sets
+  it, is called when a paused request waits for the loop: the worker then
+  calls tick() soon (otherwise its next regular tick() does it).
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import time
 
 from ..conf.model import FilterRef, Wasm
 from ..log import ErrorLog
-from .filter import Stream, StreamInfo
+from .callouts import Callouts
+from .filter import ON_REQUEST_BODY, ON_RESPONSE_BODY, Stream, StreamInfo
 from .shared import LocalShared
 from .vm import VM, Compiled, CompiledModule, Plugin, VMFailed, WasmBootError
 
@@ -49,7 +57,7 @@ class ModuleState:
 
     def _new_vm(self) -> VM:
         rt = self.runtime
-        vm = VM(self.module, rt.compiled, rt.wasm, rt.log, rt.shared, self._failed)
+        vm = VM(self.module, rt.compiled, rt.wasm, rt.log, rt.shared, self._failed, rt)
         vm.boot(self.plugins)
         return vm
 
@@ -103,8 +111,11 @@ class Runtime:
         self.shared = LocalShared()
         self.states: dict[str, ModuleState] = {}
         self.plugins: dict[tuple, Plugin] = {}
-        self.chains: dict[int, tuple[list, list]] = {}
+        self.chains: dict[int, tuple] = {}
         self.started = False
+        self.http_dispatcher = None  # set by the worker: forkgw.http.callout.dispatch bound to it
+        self.wakeup = None  # set by the worker: "call tick() soon"
+        self.callouts = Callouts(self)
 
     def _plugin(self, ref: FilterRef) -> Plugin:
         module = self.wasm.modules.get(ref.module)
@@ -150,8 +161,21 @@ class Runtime:
         if cached is None or cached[0] is not filters:
             if len(self.chains) >= MAX_CACHED_CHAINS:  # lists built per request must not pile up
                 self.chains.clear()
-            cached = self.chains[id(filters)] = (filters, self._chain(filters))
-        return Stream(cached[1], info, self.log)
+            chain = self._chain(filters)
+            cached = self.chains[id(filters)] = (filters, chain, self._wants(chain))
+        return Stream(cached[1], info, self.log, self, cached[2])
+
+    def _wants(self, chain: list[tuple[Plugin, bool]]) -> tuple[bool, bool]:
+        """Whether the chain gets request / response bodies (the worker then holds and re-frames them).
+
+        The SDKs export every callback, wanted or not (the AssemblyScript filters
+        that only add a header export proxy_on_response_body): a filter needs a
+        body phase when its module exports the callback and can change a body
+        (imports proxy_set_buffer_bytes), or with `inspect_bodies on`.
+        """
+        modules = [plugin.state.module for plugin, _ in chain]
+        able = [m for m in modules if self.wasm.inspect_bodies or "proxy_set_buffer_bytes" in m.env_imports]
+        return any(ON_REQUEST_BODY in m.exports for m in able), any(ON_RESPONSE_BODY in m.exports for m in able)
 
     def _chain(self, filters: list[FilterRef]) -> list[tuple[Plugin, bool]]:
         chain = []
@@ -199,6 +223,9 @@ class Runtime:
                 vm.invoke(owner, "proxy_on_queue_ready", owner.id, queue.id)
             except VMFailed:
                 pass
+        callouts = self.callouts
+        if callouts.early or callouts.touched or callouts.soon:
+            callouts.settle()
         deadlines = []
         for state in self.states.values():
             vm = state.vm

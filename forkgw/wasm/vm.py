@@ -68,6 +68,7 @@ class CompiledModule:
         self.abi = abi
         self.plan = plan  # [(import module, name, FuncType, (kind, arg))]
         self.exports = exports  # function export name -> signature ("ii:i")
+        self.env_imports = frozenset(name for mod, name, _, _ in plan if mod == "env")
         self.label = f'wasm "{conf.name}"'
 
     def arity(self, export: str) -> int:
@@ -235,7 +236,7 @@ class RootContext:
 
 
 class HttpContext:
-    __slots__ = ("id", "plugin", "root", "vm", "stream")
+    __slots__ = ("id", "plugin", "root", "vm", "stream", "calls")
 
     def __init__(self, context_id: int, root: RootContext, stream):
         self.id = context_id
@@ -243,6 +244,7 @@ class HttpContext:
         self.root = root
         self.vm = root.vm
         self.stream = stream
+        self.calls = 0  # its HTTP callouts still in flight: a pause can wait for them
 
 
 # -- the VM ------------------------------------------------------------------
@@ -251,8 +253,10 @@ class HttpContext:
 class VM:
     """One Store + instance of one module in this worker."""
 
-    def __init__(self, module: CompiledModule, compiled: Compiled, wasm: Wasm, log: ErrorLog, shared, on_failure):
+    def __init__(self, module: CompiledModule, compiled: Compiled, wasm: Wasm, log: ErrorLog, shared, on_failure,
+                 runtime=None):
         self.module = module
+        self.runtime = runtime  # the owner of callouts (None: a VM alone, callouts unsupported)
         self.engine = compiled.engine
         self.ticker = compiled.ticker
         self.callback_ticks = compiled.callback_ticks
