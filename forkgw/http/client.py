@@ -542,9 +542,9 @@ class ClientConnection:
         self.state.response_headers = head
         if not self.keepalive:
             head.append((b"Connection", b"close"))
-        # Heads made only of our own fields and h11-parsed upstream fields skip h11's
-        # re-validation; anything a filter or add_header wrote is validated.
-        trusted = not settings.add_header and (self.stream is None or not filters)
+        # Our own fields, h11-parsed upstream fields and what filters wrote (the wasm host
+        # refuses what HTTP/1.1 would) skip h11's re-validation; add_header's are checked.
+        trusted = not settings.add_header
         try:
             data = self.h11.send(h11.Response(status_code=status, headers=head, reason=reason(status),
                                               _parsed=trusted))
