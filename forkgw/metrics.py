@@ -39,3 +39,22 @@ class GatewayMetrics:
 
     def render(self) -> bytes:
         return self.store.render_prometheus().encode()
+
+
+class FilterMeter:
+    """Per filter: callbacks made and microseconds spent, by phase, and traps."""
+
+    def __init__(self, store: ShmStore, module: str, root_id: str):
+        self.store = store
+        self.labels = {"filter": module, "root_id": root_id}
+        self.phases: dict[str, tuple] = {}
+        self.traps = store.counter("forkgw_wasm_traps_total", self.labels)
+
+    def record(self, export: str, seconds: float) -> None:
+        pair = self.phases.get(export)
+        if pair is None:
+            labels = {**self.labels, "phase": export.removeprefix("proxy_on_")}
+            pair = self.phases[export] = (self.store.counter("forkgw_wasm_calls_total", labels),
+                                          self.store.counter("forkgw_wasm_microseconds_total", labels))
+        pair[0].add(1)
+        pair[1].add(int(seconds * 1e6))

@@ -125,6 +125,11 @@ class Runtime:
         plugin = self.plugins.get(key)
         if plugin is None:
             plugin = Plugin(module, key[1], key[2])
+            store = getattr(self.shared, "store", None)  # metrics need the shared store
+            if store is not None:
+                from ..metrics import FilterMeter
+
+                plugin.meter = FilterMeter(store, module.name, key[1])
             state = self.states.get(module.name)
             if state is None:
                 state = self.states[module.name] = ModuleState(self, self.compiled.modules[module.name])

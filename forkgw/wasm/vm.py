@@ -212,6 +212,7 @@ class Plugin:
         self.label = f'wasm "{module.name}" root_id "{root_id}"'
         self.state = None  # runtime.ModuleState
         self.warned: set[str] = set()
+        self.meter = None  # metrics.FilterMeter when the gateway keeps metrics
 
 
 class RootContext:
@@ -406,6 +407,8 @@ class VM:
         host = self.host
         host.current = ctx
         host.effective = None
+        meter = ctx.plugin.meter if ctx is not None else None
+        started = time.perf_counter() if meter is not None else 0.0
         try:
             return self.guest.call(export, *args)
         except GuestExit as err:
@@ -420,10 +423,14 @@ class VM:
         finally:
             host.current = host.effective = None
             host.flush_output()
+            if meter is not None:
+                meter.record(export, time.perf_counter() - started)
 
     def _fail(self, ctx, export: str, err: BaseException, what: str | None):
         reason = self.describe(err)
         self.failed = True
+        if ctx is not None and ctx.plugin.meter is not None:
+            ctx.plugin.meter.traps.add(1)
         self.host.flush_output()  # what the guest printed before dying comes first
         label = what or (ctx.plugin.label if ctx is not None else self.label)
         if not self.booting:

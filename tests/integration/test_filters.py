@@ -502,3 +502,24 @@ http { server { listen 127.0.0.1:{port}; location /t { return 200; proxy_wasm ad
     wait_for(lambda: "proc_exit(255); the old configuration keeps serving" in gateway.log_text())
     assert fetch(gateway, "/t").all("hello") == ["old"]
     assert gateway.proc.poll() is None
+
+
+def test_filter_calls_time_and_traps_on_the_metrics_endpoint(gateway):
+    """Per filter and phase: callbacks counted and timed, traps counted, across workers."""
+    start(gateway, """
+wasm { module add_header {plugins}/add_header; module probe {filters}/probe.wasm; }
+http { server { listen 127.0.0.1:{port};
+    location = /metrics { forkgw_metrics; }
+    location /t { return 200; proxy_wasm add_header 'add_header'; }
+    location /fail { return 200; proxy_wasm probe; }
+} }""", workers=2)
+    gateway.allowed_errors.append("wasm trap")
+    for _ in range(12):
+        assert fetch(gateway, "/t").status == 200
+    assert fetch(gateway, "/fail", {"x-probe": "trap"}).status == 500
+    text = fetch(gateway, "/metrics").body.decode()
+    labels = 'filter="add_header",phase="response_headers",root_id="add_header"'
+    assert re.search(r'^forkgw_wasm_calls_total\{%s\} 12$' % labels, text, re.M), text
+    micros = re.search(r'^forkgw_wasm_microseconds_total\{%s\} (\d+)$' % labels, text, re.M)
+    assert micros and int(micros.group(1)) > 0
+    assert re.search(r'^forkgw_wasm_traps_total\{filter="probe",root_id="probe"\} 1$', text, re.M), text
