@@ -84,6 +84,25 @@ def _getter(name: str) -> Callable | None:
     return None
 
 
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_NOT_URL = re.compile(rb"[\x00-\x20\x7f-\xff]")
+
+
+def to_bytes(text: str) -> bytes:
+    """Rendered text back to the client's own bytes (paths that were not UTF-8 included)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def header_bytes(text: str) -> bytes:
+    """A rendered header value: control characters escaped, so it cannot break the head."""
+    return _CONTROL.sub(lambda m: b"%%%02X" % m.group()[0], to_bytes(text))
+
+
+def url_bytes(text: str) -> bytes:
+    """A rendered URL for a Location header: spaces, controls and non-ASCII escaped."""
+    return _NOT_URL.sub(lambda m: b"%%%02X" % m.group()[0], to_bytes(text))
+
+
 class Template:
     """A compiled `$var` string; `render(request, empty="-")` fills it in."""
 

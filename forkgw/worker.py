@@ -44,7 +44,7 @@ from forkgw.http.messages import HttpDate, server_header
 from forkgw.http.upstream import Balancer, Pool
 from forkgw.log import ErrorLog
 from forkgw.routing import Router, normalize_path
-from forkgw.variables import Template
+from forkgw.variables import Template, header_bytes, to_bytes, url_bytes
 
 EXIT_BOOT_FAILED = 3  # the master must not respawn this conf's workers in a loop
 ACCEPT_BACKOFF = 0.5  # seconds without accepting after EMFILE/ENFILE, as nginx does
@@ -425,7 +425,7 @@ class Worker:
         for name, template in plan.proxy_headers:
             value = template.render(state, empty="")
             if value:
-                out.append((name, value.encode("latin-1")))
+                out.append((name, header_bytes(value)))
         skip = plan.proxy_header_names
         for name, value in end_to_end(headers):
             if name not in skip:
@@ -446,14 +446,14 @@ class Worker:
             if body is None:
                 body = self._constant_bodies[text] = text.encode("utf-8")
             return body
-        return template.render(state, empty="").encode("utf-8")
+        return to_bytes(template.render(state, empty=""))
 
-    def absolute_url(self, text: str, state) -> str:
+    def absolute_url(self, text: str, state) -> bytes:
         url = self.template(text).render(state, empty="")
         if url.startswith("/"):
             port = "" if state.server_port == 80 else f":{state.server_port}"
             url = f"http://{state.host}{port}{url}"
-        return url
+        return url_bytes(url)
 
     def upstream_state(self, upstream):
         state = self._upstream_state.get(upstream.name)

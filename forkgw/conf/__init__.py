@@ -18,8 +18,12 @@ __all__ = ["Config", "ConfError", "dump", "load"]
 def load(path: str, prefix: str | None = None, extra: str | None = None) -> Config:
     """Read and check the conf at `path`; see forkgw.conf.parser.load for paths and prefix."""
     from forkgw.conf import parser
+    from forkgw.errors import ConfError
 
-    return parser.load(path, prefix, extra)
+    try:
+        return parser.load(path, prefix, extra)
+    except RecursionError:
+        raise ConfError(f"blocks nested too deeply in {path}") from None
 
 
 def dump(config: Config) -> str:

@@ -18,6 +18,7 @@ connection always has one deadline that matches what it waits for.
 
 from __future__ import annotations
 
+import re
 import selectors
 import socket
 import time
@@ -41,6 +42,14 @@ MAX_DISCARD = 1024 * 1024  # body bytes read and dropped after answering, before
 # Response headers an upstream sends that nginx replaces with its own by default.
 REPLACED_BY_GATEWAY = frozenset({b"server", b"date"})
 NO_BODY_STATUSES = frozenset({204, 304})
+
+
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-](?:[A-Za-z0-9_.-]*[A-Za-z0-9_-])?\.?)(?::[0-9]{1,5})?")
+
+
+def valid_host(host: bytes) -> bool:
+    """nginx's ngx_http_validate_host in spirit: a name or an address, a port, nothing else."""
+    return _HOST.fullmatch(host) is not None and b".." not in host
 
 
 def headers_too_large(headers, number: int, size: int) -> bool:
@@ -120,7 +129,8 @@ class ClientConnection:
                  "server_port", "listen_key", "h11", "out", "events", "closed", "deadline",
                  "timer_at", "timer_queued", "state", "proxy", "stream", "settings", "requests",
                  "read_paused", "on_drained", "keepalive", "head_sent", "phase", "discarded",
-                 "is_head", "response_status", "pipelined", "last_read", "held", "held_body", "body_filter")
+                 "is_head", "response_status", "pipelined", "last_read", "held", "held_body", "body_filter",
+                 "processing")
 
     def __init__(self, worker, sock: socket.socket, addr, listen_key, conn_id: int):
         self.worker = worker
@@ -155,6 +165,7 @@ class ClientConnection:
         self.held = None  # (location, request, headers, host) while filters read the request body
         self.held_body = bytearray()
         self.body_filter = False
+        self.processing = False
         self.want(selectors.EVENT_READ)
         worker.set_deadline(self, self.settings.client_header_timeout)
 
@@ -176,6 +187,8 @@ class ClientConnection:
         self.want((selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if self.out else 0))
 
     def on_event(self, mask: int) -> None:
+        if self.closed:
+            return  # closed earlier in this loop turn (e.g. by its upstream's failure)
         if mask & selectors.EVENT_WRITE:
             self.flush()
         if mask & selectors.EVENT_READ and not self.closed:
@@ -221,26 +234,32 @@ class ClientConnection:
         self.process()
 
     def process(self) -> None:
-        while not self.closed:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as err:
-                self.bad_request(err)
-                return
-            if event is h11.NEED_DATA:
-                break
-            if event is h11.PAUSED:
-                self.pipelined = True  # the next request waits until this one is answered
-                break
-            if isinstance(event, h11.Request):
-                self.start_request(event)
-            elif isinstance(event, h11.Data):
-                self.request_body(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                self.request_end()
-            elif isinstance(event, h11.ConnectionClosed):
-                self.client_gone()
-                return
+        if self.processing:
+            return  # an answer finished inside the loop below: it goes on with the next request
+        self.processing = True
+        try:
+            while not self.closed:
+                try:
+                    event = self.h11.next_event()
+                except h11.RemoteProtocolError as err:
+                    self.bad_request(err)
+                    return
+                if event is h11.NEED_DATA:
+                    break
+                if event is h11.PAUSED:
+                    self.pipelined = True  # the next request waits until this one is answered
+                    break
+                if isinstance(event, h11.Request):
+                    self.start_request(event)
+                elif isinstance(event, h11.Data):
+                    self.request_body(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    self.request_end()
+                elif isinstance(event, h11.ConnectionClosed):
+                    self.client_gone()
+                    return
+        finally:
+            self.processing = False
         self.update_interest()
 
     def bad_request(self, err: h11.RemoteProtocolError) -> None:
@@ -250,6 +269,7 @@ class ClientConnection:
             return
         self.worker.log.info(f"client sent invalid request: {err}, client: {self.remote_addr}")
         self.keepalive = False
+        self.drop_proxy()  # a body that broke off mid-way: the upstream exchange is void
         if self.state is None:
             self.state = RequestState(self, None)
         self.phase = "done"
@@ -278,6 +298,13 @@ class ClientConnection:
                 length = int(value)
             elif name == b"transfer-encoding":
                 chunked = True
+        if chunked and (length is not None or request.http_version == b"1.0") \
+                or request.http_version not in (b"1.1", b"1.0") or host and not valid_host(host):
+            # Ambiguous framing (a smuggling attempt), an HTTP version we do not speak, or a
+            # Host that is not a host name: nginx refuses all three.
+            self.keepalive = False
+            self.respond_error(505 if request.http_version not in (b"1.1", b"1.0") else 400)
+            return
         state.host = host.decode("latin-1").split(":", 1)[0].lower() if host else self.server_addr
         has_body = chunked or bool(length)
         self.phase = "body" if has_body else "wait"
@@ -397,6 +424,7 @@ class ClientConnection:
         target = proxy_uri(location, location.proxy_pass, state.path,
                                               request.target.decode("latin-1"))
         outgoing = self.worker.proxy_headers(location.settings, state, headers)
+        # proxy_uri keeps the raw target (latin-1 round-trips its bytes) or escapes to ASCII.
         upstream_request = h11.Request(method=request.method, target=target.encode("latin-1"),
                                        headers=outgoing)
         if has_body and self.h11.they_are_waiting_for_100_continue:
@@ -475,7 +503,7 @@ class ClientConnection:
         if status in REDIRECTS or (text is None and status >= 300 and status != 304):
             headers = [(b"Content-Type", b"text/html")]
             if text is not None:
-                headers.append((b"Location", self.worker.absolute_url(text, self.state).encode("latin-1")))
+                headers.append((b"Location", self.worker.absolute_url(text, self.state)))
             self.respond(status, headers, error_page(status, self.settings.server_tokens))
             return
         body = self.worker.render_return(text, self.state) if text else b""

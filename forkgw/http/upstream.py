@@ -151,6 +151,8 @@ class UpstreamConnection:
         self.events = events
 
     def on_event(self, mask: int) -> None:
+        if self.closed:
+            return  # closed earlier in this loop turn (e.g. its client reset)
         if self.handler is None:
             self.on_idle_event()
             return
@@ -283,6 +285,7 @@ class ProxyRequest:
         self.body_ended = not has_body
         self.response_started = False
         self.sent = False  # the request went out to some peer (a retry would resend it)
+        self.timed_out = False  # the last attempt failed on a timeout
         self.done = False
         self.attempt_start = 0.0
         self.addrs: list[str] = []
@@ -295,7 +298,7 @@ class ProxyRequest:
         now = self.worker.now
         peer = self.balancer.pick(time.monotonic(), self.tried)
         if peer is None:
-            self.finish_with_error(502)
+            self.finish_with_error(504 if self.timed_out else 502)  # nginx: the last failure decides
             return
         self.tried.add(peer)
         self.attempt_start = now
@@ -348,6 +351,7 @@ class ProxyRequest:
             conn.close()
             return
         peer = conn.peer
+        self.timed_out = timeout
         stale = conn.requests > 1 and not self.response_started and not timeout
         conn.close()
         self.conn = None
