@@ -777,9 +777,15 @@ class ClientConnection:
         self.want(selectors.EVENT_READ)
 
     def drain(self) -> None:
-        """Graceful stop: idle connections close now, busy ones after their response."""
+        """Graceful stop: idle keep-alive connections close now, the rest after one answer.
+
+        A connection that has not sent its first request yet is not idle: its request
+        may be in the socket buffer already, so it is read and answered (bounded by
+        client_header_timeout), as nginx does.
+        """
         self.keepalive = False
-        if self.phase == "head" and not self.h11.trailing_data[0] and self.h11.their_state is h11.IDLE:
+        if self.phase == "head" and self.requests and not self.h11.trailing_data[0] \
+                and self.h11.their_state is h11.IDLE:
             self.close()
 
     def close(self) -> None:
