@@ -541,7 +541,6 @@ def test_metrics_add_up_across_processes(stores):
     s = stores(size=1 << 20, slots=4)  # 3 lock-free slots: the 4th and 5th child share slot 0
     s.define_metric(COUNTER, b"early")
     r, w = os.pipe()
-    held = []
 
     def worker(n):
         s.attach()

@@ -183,7 +183,7 @@ class Wat:
                     continue
                 count = params010 if self.abi == "0_1_0" else params
                 short = name[len("proxy_on_"):]
-                ret = f" (result i32)" if result is not None else ""
+                ret = " (result i32)" if result is not None else ""
                 value = f" (i32.const {result})" if result is not None else ""
                 parts.append(
                     f'  (func (export "{name}") (param{" i32" * count}){ret}'
