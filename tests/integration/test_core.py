@@ -262,3 +262,15 @@ http {
     import subprocess
     listening = subprocess.run(["ss", "-ltnpH", f"sport = :{gateway.port}"], capture_output=True, text=True).stdout
     assert sum(f"pid={w}," in listening for w in workers) == 2, listening
+
+
+def test_worker_cpu_affinity_auto_pins_each_worker(gateway):
+    import os
+    if len(os.sched_getaffinity(0)) < 2:
+        import pytest
+        pytest.skip("one CPU: nothing to spread")
+    gateway.start(SIMPLE.replace("http {", "worker_cpu_affinity auto;\nhttp {", 1), workers=2)
+    pids = wait_for(lambda: len(gateway.worker_pids()) == 2 and gateway.worker_pids())
+    pinned = [os.sched_getaffinity(pid) for pid in pids]
+    assert all(len(cpus) == 1 for cpus in pinned) and pinned[0] != pinned[1], pinned
+    assert gateway.request("GET", "/exact")[0] == 200
