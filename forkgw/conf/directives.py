@@ -146,6 +146,12 @@ DIRECTIVES: tuple[Directive, ...] = (
        "size", "64m",
        "Largest linear memory one module instance may grow to.",
        "memory_max 16m;"),
+    _d("vm_recycle_memory", [WASM], (1, 1), v.size_value, SET, "vm_recycle_memory",
+       "size | 0", "32m",
+       "A VM whose linear memory has grown past this size is replaced by a fresh one between "
+       "requests (its root contexts configured anew), so a filter that leaks guest memory "
+       "keeps the worker bounded instead of failing at memory_max. 0 turns it off.",
+       "vm_recycle_memory 16m;"),
     _d("shm_kv", [WASM], (1, 2), v.shm_kv_value, SET, "shm_kv",
        "size [eviction=lru|none]", "8m eviction=lru",
        "Memory shared by every worker for the filters' shared data, queues and metrics. It is "

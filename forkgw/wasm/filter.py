@@ -504,6 +504,8 @@ class Stream:
                     pass
         for ctx in live:
             ctx.vm.contexts.pop(ctx.id, None)
+        for ctx in live:
+            ctx.plugin.state.recycle_if_grown()
         callouts = self.callouts
         if callouts is not None and (callouts.early or callouts.touched):
             callouts.settle(self)

@@ -84,6 +84,32 @@ class ModuleState:
             return self.rebuild(now)
         return None
 
+    def recycle_if_grown(self) -> None:
+        """Between requests: a VM grown past vm_recycle_memory is replaced by a fresh one.
+
+        Only when no request holds a context in it, so no stream loses its filter.
+        SDKs that leak guest memory per request (proxy-runtime 0.1.8 does) stay bounded.
+        """
+        mark = self.runtime.wasm.vm_recycle_memory
+        vm = self.vm
+        if not mark or vm is None or vm.failed or len(vm.contexts) > len(vm.roots):
+            return
+        size = vm.guest.memory_size()
+        if size <= mark:
+            return
+        vm.on_failure = lambda vm: None  # a failure while it winds down needs no rebuild
+        vm.shutdown()
+        self.vm = None
+        now = time.monotonic()
+        try:
+            self.vm = self._new_vm()
+        except WasmBootError as err:
+            self._schedule(now)
+            self.runtime.log.error(f"{err}; next VM rebuild in {self.retry_at - now:g}s")
+            return
+        self.booted_at = now
+        self.runtime.log.notice(f"{self.module.label}: VM recycled at {size} bytes of linear memory")
+
     def rebuild(self, now: float) -> VM | None:
         self.retry_at = None
         self.vm = None

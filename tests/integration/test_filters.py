@@ -523,3 +523,18 @@ http { server { listen 127.0.0.1:{port};
     micros = re.search(r'^forkgw_wasm_microseconds_total\{%s\} (\d+)$' % labels, text, re.M)
     assert micros and int(micros.group(1)) > 0
     assert re.search(r'^forkgw_wasm_traps_total\{filter="probe",root_id="probe"\} 1$', text, re.M), text
+
+
+def test_a_vm_grown_past_its_mark_is_recycled_between_requests(gateway):
+    """A leaking filter stays bounded: its VM is replaced once it passes vm_recycle_memory,
+    and no request fails for it (it would at memory_max)."""
+    start(gateway, """
+wasm { module leaky {filters}/leaky.wasm; vm_recycle_memory 1m; memory_max 2m; }
+http { server { listen 127.0.0.1:{port};
+    location /t { return 200 ok; proxy_wasm leaky; }
+} }""")
+    pid = gateway.worker_pids()[0]
+    for _ in range(60):  # ~60 pages: past 1m several times, and past memory_max without recycling
+        assert fetch(gateway, "/t").status == 200
+    assert gateway.log_text().count("VM recycled at") >= 3
+    assert gateway.worker_pids() == [pid]
