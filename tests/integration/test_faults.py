@@ -21,6 +21,7 @@ import pytest
 import wasmtime
 
 from conftest import ROOT, wait_for
+from watlib import ITOA
 from test_abuse import (
     Recorder,
     baseline,
@@ -473,22 +474,11 @@ class Module:
   (func (export "proxy_abi_version_0_2_1"))
 {allocator}
   (func (export "proxy_on_context_create") (param i32 i32))
+{ITOA}
   ;; "<n>," appended at $out
   (func $note (param $n i32)
-    (local $len i32) (local $tmp i32) (local $i i32)
-    (local.set $tmp (local.get $n)) (local.set $len (i32.const 1))
-    (block $done (loop $count
-      (br_if $done (i32.lt_u (local.get $tmp) (i32.const 10)))
-      (local.set $tmp (i32.div_u (local.get $tmp) (i32.const 10)))
-      (local.set $len (i32.add (local.get $len) (i32.const 1)))
-      (br $count)))
-    (local.set $i (local.get $len))
-    (loop $write
-      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
-      (i32.store8 (i32.add (global.get $out) (local.get $i))
-        (i32.add (i32.const 48) (i32.rem_u (local.get $n) (i32.const 10))))
-      (local.set $n (i32.div_u (local.get $n) (i32.const 10)))
-      (br_if $write (local.get $i)))
+    (local $len i32)
+    (local.set $len (call $itoa (local.get $n) (global.get $out)))
     (i32.store8 (i32.add (global.get $out) (local.get $len)) (i32.const 44))
     (global.set $out (i32.add (global.get $out) (i32.add (local.get $len) (i32.const 1)))))
 {body}

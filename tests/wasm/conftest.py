@@ -23,6 +23,7 @@ import wasmtime
 from forkgw.conf.model import FilterRef, Wasm, WasmModule
 from forkgw.log import ErrorLog
 from forkgw.wasm import Runtime, StreamInfo, compile_modules
+from watlib import BUMP_ALLOCATOR, ITOA
 
 ENV_IMPORTS = {
     "proxy_log": "(param i32 i32 i32) (result i32)",
@@ -85,31 +86,7 @@ WASI_IMPORTS = {
 PRELUDE = r"""
   (memory (export "memory") 2)
   (global $heap (mut i32) (i32.const 0x10000))
-  (func $alloc (param $size i32) (result i32)
-    (local $ptr i32) (local $need i32)
-    (local.set $ptr (global.get $heap))
-    (global.set $heap (i32.and (i32.add (i32.add (local.get $ptr) (local.get $size)) (i32.const 7)) (i32.const -8)))
-    (local.set $need (i32.sub (i32.shr_u (i32.add (global.get $heap) (i32.const 0xFFFF)) (i32.const 16)) (memory.size)))
-    (if (i32.gt_s (local.get $need) (i32.const 0))
-      (then (if (i32.eq (memory.grow (local.get $need)) (i32.const -1)) (then (return (i32.const 0))))))
-    (local.get $ptr))
-  (func $itoa (param $n i32) (param $out i32) (result i32)
-    (local $len i32) (local $tmp i32) (local $i i32)
-    (local.set $tmp (local.get $n)) (local.set $len (i32.const 1))
-    (block $done (loop $count
-      (br_if $done (i32.lt_u (local.get $tmp) (i32.const 10)))
-      (local.set $tmp (i32.div_u (local.get $tmp) (i32.const 10)))
-      (local.set $len (i32.add (local.get $len) (i32.const 1)))
-      (br $count)))
-    (local.set $i (local.get $len))
-    (loop $write
-      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
-      (i32.store8 (i32.add (local.get $out) (local.get $i))
-        (i32.add (i32.const 48) (i32.rem_u (local.get $n) (i32.const 10))))
-      (local.set $n (i32.div_u (local.get $n) (i32.const 10)))
-      (br_if $write (local.get $i)))
-    (local.get $len))
-  ;; log "tag=<n>" at info
+  (func $alloc """ + BUMP_ALLOCATOR + ITOA + r"""  ;; log "tag=<n>" at info
   (func $log_num (param $tag i32) (param $tag_len i32) (param $n i32)
     (memory.copy (i32.const 0x100) (local.get $tag) (local.get $tag_len))
     (i32.store8 (i32.add (i32.const 0x100) (local.get $tag_len)) (i32.const 61))
