@@ -15,9 +15,9 @@ import selectors
 import signal
 import socket
 import time
-import traceback
 
 import pytest
+from forking import exited_ok, fork, wait
 
 from forkgw import shm
 from forkgw.shm import COUNTER, GAUGE, HISTOGRAM, Empty, NotFound, ShmStore, StoreFull, TooLarge
@@ -35,39 +35,6 @@ def stores():
     yield make
     for store in made:
         store.close()
-
-
-def fork(fn, *args) -> int:
-    """Run fn(*args) in a child; exit status 0 if it returned, 1 if it raised."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn(*args)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
-def wait(pid: int, timeout: float = 10.0) -> int:
-    """The child's waitpid status; kills it and fails if it outlives timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"child {pid} hung")
-        time.sleep(0.002)
-
-
-def exited_ok(pid: int, timeout: float = 10.0) -> bool:
-    return os.waitstatus_to_exitcode(wait(pid, timeout)) == 0
 
 
 def run_all(fn, count: int, timeout: float = 15.0, together: bool = False) -> None:

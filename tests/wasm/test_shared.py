@@ -6,13 +6,11 @@ swap in a ShmShared over one store made before the forks, as the master will.
 
 from __future__ import annotations
 
-import os
 import selectors
-import signal
 import time
-import traceback
 
 import pytest
+from forking import exited_ok, fork
 
 from forkgw import shm
 from forkgw.conf.model import FilterRef
@@ -33,33 +31,6 @@ def store(monkeypatch):
     monkeypatch.setattr("forkgw.wasm.runtime.LocalShared", lambda: ShmShared(s))
     yield s
     s.close()
-
-
-def in_child(fn) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
-def exited_ok(pid: int, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status) == 0
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return False
-        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("case", [
@@ -107,8 +78,8 @@ def test_filters_in_every_worker_count_exactly_with_cas(store, h):
             assert reply is None
         runtime.close()
 
-    pids = [in_child(worker) for _ in range(workers)]
-    assert all(exited_ok(pid) for pid in pids)
+    pids = [fork(worker) for _ in range(workers)]
+    assert all(exited_ok(pid, 20.0) for pid in pids)
     value, _ = store.get("f", b"hits")
     assert int.from_bytes(value, "little") == workers * requests
     assert store.get_metric(store.define_metric(MetricType.COUNTER, b"wasm.hits")) == workers * requests
@@ -146,7 +117,7 @@ def test_on_queue_ready_runs_in_the_worker_that_registered_the_queue(store, h):
             run_request(other, [FilterRef(module="producer")])
             other.close()
 
-        assert exited_ok(in_child(producer_worker))
+        assert exited_ok(fork(producer_worker), 20.0)
         assert selector.select(5)  # the enqueue woke this worker
         runtime.tick(time.monotonic())  # the worker's handler for a readable wake socket
         assert not selector.select(0)
