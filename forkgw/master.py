@@ -110,7 +110,7 @@ def inherited_listeners() -> dict[tuple[str, int], socket.socket]:
 
 
 class WorkerHandle:
-    __slots__ = ("pid", "channel", "generation", "ready", "started", "fatal", "slot")
+    __slots__ = ("pid", "channel", "generation", "ready", "started", "fatal", "slot", "killed")
 
     def __init__(self, pid: int, channel: socket.socket, generation: "Generation", slot: int):
         self.pid = pid
@@ -118,7 +118,8 @@ class WorkerHandle:
         self.generation = generation
         self.ready = False
         self.started = time.monotonic()
-        self.fatal = ""
+        self.fatal = ""  # why it could not boot, as it told us
+        self.killed = False  # the watchdog killed it already
         self.slot = slot
 
 
@@ -648,12 +649,12 @@ class Master:
         """A ready worker whose loop stopped turning is killed; reap() then replaces it."""
         limit = gen.config.worker_watchdog_timeout
         for handle in gen.workers.values():
-            if handle.ready and not handle.fatal:
+            if handle.ready and not handle.killed:
                 age = gen.heartbeat_age(handle.slot, now)
                 if age > limit:
                     self.log.alert(f"worker process {handle.pid} is not responding "
                                    f"(no heartbeat for {age:.1f}s), killing it")
-                    handle.fatal = "hung"  # killed once; its exit is an ordinary death
+                    handle.killed = True
                     kill(handle.pid, signal.SIGKILL)
                     kill(handle.pid, signal.SIGCONT)
 

@@ -40,11 +40,12 @@ from setproctitle import setproctitle
 from forkgw.conf.model import Config, Settings
 from forkgw.http.callout import dispatch as dispatch_callout
 from forkgw.http.client import ClientConnection
-from forkgw.http.messages import HttpDate, server_header
+from forkgw.http.messages import HttpDate, end_to_end
 from forkgw.http.upstream import Balancer, Pool
 from forkgw.log import ErrorLog
-from forkgw.routing import Router, normalize_path
+from forkgw.routing import Router
 from forkgw.variables import Template, header_bytes, to_bytes, url_bytes
+from forkgw.wasm.filter import StreamInfo
 
 EXIT_BOOT_FAILED = 3  # the master must not respawn this conf's workers in a loop
 ACCEPT_BACKOFF = 0.5  # seconds without accepting after EMFILE/ENFILE, as nginx does
@@ -119,7 +120,6 @@ class Worker:
         self.now = time.monotonic()
         self.date = HttpDate()
         self.router = Router(self.http)
-        self.normalize_target = normalize_path
         self.connections: set[ClientConnection] = set()
         self.conn_ids = itertools.count(1)
         # $request_id: 32 hex digits like nginx's, a random half per worker and a counter,
@@ -381,12 +381,6 @@ class Worker:
         number, size = self.default_settings(listen_key).large_client_header_buffers
         return number * size
 
-    def normalize(self, target: bytes):
-        try:
-            return self.normalize_target(target)
-        except ValueError:
-            return None
-
     def next_request_id(self) -> str:
         return f"{self.request_id_prefix}{next(self.request_counter):016x}"
 
@@ -418,8 +412,6 @@ class Worker:
 
     def proxy_headers(self, settings: Settings, state, headers) -> list[tuple[bytes, bytes]]:
         """nginx's rule: proxy_set_header lines first, then the client's end-to-end headers."""
-        from forkgw.http.messages import end_to_end
-
         plan = self.plan(settings)
         out = []
         for name, template in plan.proxy_headers:
@@ -435,9 +427,6 @@ class Worker:
                 out.append((b"transfer-encoding", b"chunked"))
                 break
         return out
-
-    def server_tokens(self, settings: Settings) -> bytes:
-        return server_header(settings.server_tokens)
 
     def render_return(self, text: str, state) -> bytes:
         template = self.template(text)
@@ -462,8 +451,6 @@ class Worker:
         return state
 
     def wasm_stream(self, filters, conn: ClientConnection, state):
-        from forkgw.wasm import StreamInfo
-
         info = StreamInfo(source=(conn.remote_addr, conn.remote_port),
                           destination=(conn.server_addr, conn.server_port),
                           connection_id=conn.id, request_id=state.request_id,

@@ -30,10 +30,11 @@ from forkgw.http.messages import (
     REDIRECTS,
     error_page,
     reason,
+    server_header,
     split_pseudo,
 )
 from forkgw.http.upstream import HIGH_WATER, READ_SIZE, ProxyRequest
-from forkgw.routing import proxy_uri
+from forkgw.routing import normalize_path, proxy_uri
 from forkgw.wasm.filter import PAUSED, LocalReply
 
 LINGER_TIME = 2.0
@@ -61,6 +62,16 @@ def headers_too_large(headers, number: int, size: int) -> bool:
             return True
         total += line
     return total > number * size
+
+
+def first_value(headers, name: str) -> str:
+    """`$http_NAME` / `$sent_http_NAME`: the first value, the name matched in any case
+    (our own response fields are written "Content-Type", h11 hands requests lowered)."""
+    key = name.encode("latin-1")
+    for n, v in headers:
+        if n.lower() == key:
+            return v.decode("latin-1")
+    return ""
 
 
 class RequestState:
@@ -110,18 +121,10 @@ class RequestState:
         return self._request_id
 
     def header(self, name: str) -> str:
-        key = name.encode("latin-1")
-        for n, v in self.headers:
-            if n == key:
-                return v.decode("latin-1")
-        return ""
+        return first_value(self.headers, name)
 
     def response_header(self, name: str) -> str:
-        key = name.encode("latin-1")
-        for n, v in self.response_headers:
-            if n == key:
-                return v.decode("latin-1")
-        return ""
+        return first_value(self.response_headers, name)
 
 
 class ClientConnection:
@@ -322,7 +325,7 @@ class ClientConnection:
             self.keepalive = False
             self.respond_error(431)
             return
-        normalized = worker.normalize(request.target)
+        normalized = normalize_path(request.target)
         if normalized is None:
             self.respond_error(400)
             return
@@ -408,7 +411,7 @@ class ClientConnection:
         method, target, host, headers = split_pseudo(self.stream.request_headers, request.method,
                                                      request.target)
         if target != request.target:
-            normalized = self.worker.normalize(target)
+            normalized = normalize_path(target)
             if normalized is not None:
                 self.state.path, self.state.query = normalized
         if self.stream.wants_request_body:
@@ -542,7 +545,7 @@ class ClientConnection:
         if self.closed or self.head_sent:
             return False
         settings = self.settings
-        head = [(b"Server", self.worker.server_tokens(settings)), (b"Date", self.worker.date.now())]
+        head = [(b"Server", server_header(settings.server_tokens)), (b"Date", self.worker.date.now())]
         if proxied:
             head.extend(h for h in headers if h[0] not in REPLACED_BY_GATEWAY)
         else:

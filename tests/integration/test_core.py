@@ -158,14 +158,14 @@ def test_access_log_combined(gateway):
 def test_custom_log_format(gateway):
     gateway.start("""
 http {
-    log_format timing '$request_method $status $request_time $upstream_addr';
+    log_format timing '$request_method $status $request_time $upstream_addr $sent_http_content_type';
     access_log logs/access.log timing;
     server { listen 127.0.0.1:{port}; return 200 ok; }
 }
 """)
     gateway.request("GET", "/")
     gateway.stop()
-    assert re.match(r"GET 200 \d+\.\d{3} -$", gateway.access_log.read_text().splitlines()[-1])
+    assert re.match(r"GET 200 \d+\.\d{3} - text/plain$", gateway.access_log.read_text().splitlines()[-1])
 
 
 def test_slow_client_header_timeout_closes(gateway):
