@@ -11,12 +11,17 @@ Why it is built this way:
   costs the server alone, which is steadier than throughput on a shared machine
   (wrk runs on the same cores).  "other CPU" is the machine's busy time not
   spent by the server, its backend or wrk: when it is high, the run was noisy.
+- wrk keeps every connection busy, so its p99 is a saturated server's queue.
+  Latency is compared at EQUAL throughput too: `hey` sends a fixed rate (a
+  share of forkgw's measured req/s, so that every server sustains it) to
+  forkgw and nginx in turn, and the p99 ratio is taken from those runs.
 - Every server starts in its own session and is killed as a group at the end,
   whatever happens.
 
     python scripts/bench.py                       # all modes, 3 rounds of 5 s
     python scripts/bench.py --duration 2 --rounds 2 --modes forkgw-return,h11-return
     python scripts/bench.py --json bench.json --profile forkgw-return
+    python scripts/bench.py --fixed-rate-share 0    # skip the equal-throughput latency runs
 """
 
 from __future__ import annotations
@@ -380,6 +385,78 @@ def parse_wrk(text: str) -> dict:
     return out
 
 
+def parse_hey(text: str) -> dict:
+    out = {"rps": 0.0, "p50_ms": None, "p99_ms": None, "non2xx": 0}
+    if m := re.search(r"Requests/sec:\s+([\d.]+)", text):
+        out["rps"] = float(m.group(1))
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        if m := re.search(rf"^\s+{pct}% in ([\d.]+) secs", text, re.M):
+            out[key] = float(m.group(1)) * 1000
+    out["non2xx"] = sum(int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", text)
+                        if not code.startswith("2"))
+    return out
+
+
+def run_hey(args, port: int, rate: float) -> dict:
+    """A fixed request rate (hey: -q per connection), for latency at equal throughput."""
+    conns = args.fixed_rate_connections
+    cmd = ["hey", "-z", f"{args.duration:g}s", "-c", str(conns), "-q", f"{rate / conns:.1f}",
+           "-H", f"Authorization: Bearer {TOKEN}", f"http://127.0.0.1:{port}/"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
+    result = parse_hey(proc.stdout)
+    if proc.returncode != 0 or not result["rps"]:
+        result["error"] = (proc.stderr or proc.stdout).strip()[-300:] or f"hey exited {proc.returncode}"
+    return result
+
+
+# forkgw mode -> the nginx mode its latency is compared with at equal throughput
+FIXED_RATE_PAIRS = {"forkgw-return": "nginx-return", "forkgw-proxy": "nginx-proxy"}
+
+
+def fixed_rate_latency(args, lab, live: list[Mode], med: dict) -> dict:
+    """p99 of forkgw and nginx at the same fixed rate, interleaved over the rounds."""
+    names = {m.name for m in live}
+    out = {}
+    for ours, theirs in FIXED_RATE_PAIRS.items():
+        if ours not in names or theirs not in names or not med[ours]["rps"]:
+            continue
+        rate = round(med[ours]["rps"] * args.fixed_rate_share, -2)
+        runs = {ours: [], theirs: []}
+        for _ in range(args.rounds):
+            for name in (ours, theirs):
+                time.sleep(1.0)
+                m = MODE[name]
+                r = run_hey(args, lab.servers[m.server].ports[m.port], rate)
+                runs[name].append(r)
+                print(f"  fixed {rate:,.0f}/s {name:<20} {r['rps']:>10,.0f} req/s  p50 {fmt(r['p50_ms'], '.2f')} ms"
+                      f"  p99 {fmt(r['p99_ms'], '.2f')} ms" + (f"  ERROR {r['error']}" if "error" in r else ""),
+                      file=sys.stderr)
+        out[ours] = {"rate": rate, "versus": theirs, "runs": runs,
+                     "p99_ms": {n: median([r["p99_ms"] for r in rs if "error" not in r]) for n, rs in runs.items()},
+                     "p50_ms": {n: median([r["p50_ms"] for r in rs if "error" not in r]) for n, rs in runs.items()}}
+    return out
+
+
+def fixed_rate_ratios(fixed: dict) -> list[dict]:
+    rows = []
+    for ours, f in fixed.items():
+        x, y = f["p99_ms"][ours], f["p99_ms"][f["versus"]]
+        if x and y:
+            rows.append({"what": f"p99 {ours} / {f['versus']} at {f['rate']:,.0f} req/s each", "value": x / y,
+                         "unit": "x", "target": 2.0, "sense": "<=", "ok": x / y <= 2.0})
+    return rows
+
+
+def print_fixed_rate(fixed: dict) -> None:
+    if not fixed:
+        return
+    print("\nLatency at equal throughput (hey, fixed rate, median of rounds):")
+    for ours, f in fixed.items():
+        for name in (ours, f["versus"]):
+            print(f"  {name:<20} {f['rate']:>8,.0f} req/s  p50 {fmt(f['p50_ms'][name], '.2f')} ms"
+                  f"  p99 {fmt(f['p99_ms'][name], '.2f')} ms")
+
+
 def machine_busy() -> int:
     """Busy jiffies of the whole machine (user + nice + system)."""
     with open("/proc/stat") as f:
@@ -472,8 +549,8 @@ def ratios(med: dict) -> list[dict]:
     ratio("forkgw proxy+filter / bare h11 proxy", "forkgw-proxy-filter", "h11-proxy", target=0.6)
     ratio("forkgw proxy / nginx proxy", "forkgw-proxy", "nginx-proxy")
     cost("add_header cost when proxying (server CPU)", "forkgw-proxy-filter", "forkgw-proxy", "server_cpu_us", 25)
-    ratio("p99 forkgw return / nginx return", "forkgw-return", "nginx-return", "p99_ms", 2.0, "<=")
-    ratio("p99 forkgw proxy / nginx proxy", "forkgw-proxy", "nginx-proxy", "p99_ms", 2.0, "<=")
+    ratio("p99 forkgw return / nginx return (saturated)", "forkgw-return", "nginx-return", "p99_ms")
+    ratio("p99 forkgw proxy / nginx proxy (saturated)", "forkgw-proxy", "nginx-proxy", "p99_ms")
     ratio("bare h11 return / nginx return", "h11-return", "nginx-return")
     for row in rows:
         t = row["target"]
@@ -597,6 +674,8 @@ def ensure_tools(modes: list[Mode]) -> None:
         apt.append("nginx-light")
     if not shutil.which("wrk"):
         apt.append("wrk")
+    if not shutil.which("hey"):
+        apt.append("hey")
     if apt:
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -655,6 +734,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of unrecorded load per mode first (default 1)")
     ap.add_argument("--modes", help="comma-separated subset, in this order")
     ap.add_argument("--gthread-threads", type=int, default=4, help="threads per gunicorn gthread worker (default 4)")
+    ap.add_argument("--fixed-rate-share", type=float, default=0.5,
+                    help="equal-throughput latency runs at this share of forkgw's req/s (0: skip; default 0.5)")
+    ap.add_argument("--fixed-rate-connections", type=int, default=10, help="hey -c for those runs (default 10)")
     ap.add_argument("--json", metavar="PATH", help="write every run, medians, ratios and RSS as JSON")
     ap.add_argument("--profile", metavar="MODE", action="append", default=[],
                     help="after the rounds, sample MODE's workers during one more run (py-spy)")
@@ -721,7 +803,8 @@ def main() -> int:
                       + (f"  ERROR {r['error']}" if "error" in r else ""), file=sys.stderr)
         med = {m.name: summarize(report["runs"][m.name]) for m in live}
         report["median"] = med
-        report["ratios"] = ratios(med)
+        report["fixed_rate"] = fixed_rate_latency(args, lab, live, med) if args.fixed_rate_share > 0 else {}
+        report["ratios"] = ratios(med) + fixed_rate_ratios(report["fixed_rate"])
         report["rss_kb"] = {name: {"start": s.rss_start, "end": s.rss()} for name, s in lab.servers.items()}
         report["forkgw_log_problems"] = {name: lines[-5:] for name, s in lab.servers.items()
                                          if name.startswith("forkgw") and (lines := log_problems(s))}
@@ -734,6 +817,7 @@ def main() -> int:
               f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, median of {args.rounds} rounds")
         print()
         print_table(modes, med, report["errors"])
+        print_fixed_rate(report["fixed_rate"])
         print_ratios(report["ratios"])
         print_rss(report["rss_kb"])
         for name, lines in report["forkgw_log_problems"].items():

@@ -188,8 +188,9 @@ class EchoHandler(BaseHTTPRequestHandler):
     """Answers with what it received, so tests can see what the gateway forwarded.
 
     Paths: /slow/SECONDS sleeps first; /big/BYTES answers that many bytes;
-    /chunked/N answers N chunks; /close answers a head then cuts the connection;
-    /status/CODE answers that status; anything else echoes as JSON.
+    /chunked/N answers N chunks (/trailers: 2 chunks, then trailers); /close
+    answers a head then cuts the connection; /status/CODE answers that status;
+    anything else echoes as JSON (request trailers included).
     """
 
     protocol_version = "HTTP/1.1"
@@ -199,13 +200,15 @@ class EchoHandler(BaseHTTPRequestHandler):
         pass
 
     def body(self) -> bytes:
+        self.trailers = []
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             data = b""
             while True:
                 size = int(self.rfile.readline().strip().split(b";")[0], 16)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
+                    while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                        name, _, value = line.decode("latin-1").partition(":")
+                        self.trailers.append([name.strip().lower(), value.strip()])
                     return data
                 data += self.rfile.read(size)
                 self.rfile.readline()
@@ -229,14 +232,15 @@ class EchoHandler(BaseHTTPRequestHandler):
                 self.wfile.write(block[: min(left, len(block))])
                 left -= len(block)
             return
-        if parts[0] == "chunked":
+        if parts[0] in ("chunked", "trailers"):
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for i in range(int(parts[1])):
+            for i in range(int(parts[1]) if parts[0] == "chunked" else 2):
                 chunk = f"chunk {i}\n".encode()
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            self.wfile.write(b"0\r\n\r\n")
+            tail = b"x-checksum: abc\r\nx-upstream-trailer: 1\r\n" if parts[0] == "trailers" else b""
+            self.wfile.write(b"0\r\n" + tail + b"\r\n")
             return
         if parts[0] == "close":
             self.send_response(200)
@@ -253,6 +257,7 @@ class EchoHandler(BaseHTTPRequestHandler):
             "path": self.path,
             "headers": [[k.lower(), v] for k, v in self.headers.items()],
             "body": body.decode("latin-1"),
+            "trailers": self.trailers,
             "port": self.server.server_address[1],
         }).encode()
         self.send_response(status)

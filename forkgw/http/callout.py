@@ -38,6 +38,7 @@ class Callout:
     remote_addr = "callout"
     state = None
     on_drained = None
+    held_response = None
 
     def __init__(self, worker, on_done: Callable[[CalloutResult | None], None]):
         self.worker = worker
@@ -81,8 +82,8 @@ class Callout:
         if len(self.body) > MAX_CALLOUT_BODY:
             self.abort()
 
-    def end_response(self) -> None:
-        self.finish(CalloutResult(self.status, self.headers, bytes(self.body)))
+    def end_response(self, trailers=()) -> None:
+        self.finish(CalloutResult(self.status, self.headers, bytes(self.body), list(trailers)))
 
     def respond_error(self, status: int) -> None:
         self.finish(None)

@@ -30,6 +30,7 @@ from forkgw.http.messages import (
     REDIRECTS,
     error_page,
     reason,
+    end_of_message,
     server_header,
     split_pseudo,
 )
@@ -133,7 +134,7 @@ class ClientConnection:
                  "timer_at", "timer_queued", "state", "proxy", "stream", "settings", "requests",
                  "read_paused", "on_drained", "keepalive", "head_sent", "phase", "discarded",
                  "is_head", "response_status", "pipelined", "last_read", "held", "held_body", "body_filter",
-                 "processing")
+                 "processing", "held_response")
 
     def __init__(self, worker, sock: socket.socket, addr, listen_key, conn_id: int):
         self.worker = worker
@@ -169,6 +170,7 @@ class ClientConnection:
         self.held_body = bytearray()
         self.body_filter = False
         self.processing = False
+        self.held_response = None  # what waits while a response filter is paused: body chunks, [trailers]
         self.want(selectors.EVENT_READ)
         worker.set_deadline(self, self.settings.client_header_timeout)
 
@@ -210,6 +212,11 @@ class ClientConnection:
     def out_pending(self) -> int:
         return len(self.out)
 
+    @property
+    def answered(self) -> bool:
+        """A response is under way: its head is on the wire, or held by a paused filter."""
+        return self.head_sent or self.held_response is not None
+
     # -- reading ------------------------------------------------------------------
 
     def on_readable(self) -> None:
@@ -241,7 +248,7 @@ class ClientConnection:
             return  # an answer finished inside the loop below: it goes on with the next request
         self.processing = True
         try:
-            while not self.closed:
+            while not self.closed and self.phase != "paused":  # paused: the rest waits in h11
                 try:
                     event = self.h11.next_event()
                 except h11.RemoteProtocolError as err:
@@ -257,7 +264,7 @@ class ClientConnection:
                 elif isinstance(event, h11.Data):
                     self.request_body(event.data)
                 elif isinstance(event, h11.EndOfMessage):
-                    self.request_end()
+                    self.request_end(event.headers)
                 elif isinstance(event, h11.ConnectionClosed):
                     self.client_gone()
                     return
@@ -267,7 +274,7 @@ class ClientConnection:
 
     def bad_request(self, err: h11.RemoteProtocolError) -> None:
         status = err.error_status_hint or 400
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.head_sent:
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.answered:
             self.close()
             return
         self.worker.log.info(f"client sent invalid request: {err}, client: {self.remote_addr}")
@@ -353,8 +360,13 @@ class ClientConnection:
         self.stream = worker.wasm_stream(settings.filters, self, state)
         reply = self.stream.on_request_headers(pseudo + list(request.headers), not has_body)
         if reply is PAUSED:
-            self.wait_for_filters(location, request, has_body)
-        elif reply is not None:
+            self.wait_for_filters(lambda reply: self.request_headers_filtered(reply, location, request, has_body),
+                                  self.settings.client_header_timeout)
+        else:
+            self.request_headers_filtered(reply, location, request, has_body)
+
+    def request_headers_filtered(self, reply, location, request: h11.Request, has_body: bool) -> None:
+        if reply is not None:
             self.send_local_reply(reply)
         else:
             self.request_filtered(location, request, has_body)
@@ -371,7 +383,8 @@ class ClientConnection:
             return
         self.dispatch(location, request, headers, host, has_body)
 
-    def dispatch(self, location, request, headers, host, has_body: bool, body: bytes | None = None) -> None:
+    def dispatch(self, location, request, headers, host, has_body: bool, body: bytes | None = None,
+                 trailers=()) -> None:
         """The content phase: `return`, or `proxy_pass` (with a body held for filters, if any)."""
         if location.ret is not None:
             self.respond_return(location.ret)
@@ -381,26 +394,23 @@ class ClientConnection:
             self.start_proxy(location, request, headers, host, has_body)
             if body is not None and self.proxy is not None:
                 self.proxy.body_data(body)
-                self.proxy.body_end()
+                self.proxy.body_end(trailers)
         else:
             self.respond_error(404)
 
-    def wait_for_filters(self, location, request: h11.Request, has_body: bool) -> None:
-        """A filter paused the request (a callout, say): hold it, bounded by client_header_timeout."""
+    def wait_for_filters(self, then, timeout: float) -> None:
+        """A filter paused the request (for a callout): stop reading, wait at most `timeout`, then `then(result)`."""
         self.phase = "paused"
         self.pause_reading()
-        self.worker.set_deadline(self, self.settings.client_header_timeout)
+        self.worker.set_deadline(self, timeout)
 
-        def resumed(reply) -> None:
+        def resumed(result) -> None:
             if self.closed or self.stream is None or self.phase != "paused":
                 return
             self.resume_reading()
-            self.phase = "body" if has_body else "wait"
+            self.phase = "body" if self.h11.their_state is h11.SEND_BODY else "wait"
             self.deadline = None
-            if reply is not None:
-                self.send_local_reply(reply)
-            else:
-                self.request_filtered(location, request, has_body)
+            then(result)
             if not self.closed:
                 self.process()  # body bytes that waited in h11's buffer
 
@@ -449,7 +459,7 @@ class ClientConnection:
             return
         state.request_length += len(data)
         limit = self.settings.client_max_body_size
-        if limit and state.request_length > limit and not self.head_sent:
+        if limit and state.request_length > limit and not self.answered:
             self.keepalive = False
             self.drop_proxy()
             self.worker.log.error(f"client intended to send too large chunked body: "
@@ -467,8 +477,15 @@ class ClientConnection:
                 self.keepalive = False
                 self.close()
 
-    def filter_request_body(self, data: bytes, end: bool) -> None:
+    def filter_request_body(self, data: bytes, end: bool, trailers=()) -> None:
         out = self.stream.on_request_body(data, end)
+        if out is PAUSED:  # the whole body waits for a filter's callout
+            self.wait_for_filters(lambda out: self.request_body_filtered(out, end, trailers),
+                                  self.settings.client_body_timeout)
+            return
+        self.request_body_filtered(out, end, trailers)
+
+    def request_body_filtered(self, out, end: bool, trailers) -> None:
         if isinstance(out, LocalReply):
             self.held = None
             self.keepalive = False
@@ -478,20 +495,35 @@ class ClientConnection:
         if not end:
             self.worker.set_deadline(self, self.settings.client_body_timeout)
             return
+        if trailers:
+            trailers = self.stream.on_request_trailers(trailers)
+            if isinstance(trailers, LocalReply):
+                self.held = None
+                self.send_local_reply(trailers)
+                return
         (location, request, headers, host), self.held = self.held, None
         body = bytes(self.held_body)
         self.held_body = bytearray()
-        headers = headers + [(b"content-length", str(len(body)).encode())]
+        # The body goes on whole with its final length, or chunked if trailers follow it.
+        framing = (b"transfer-encoding", b"chunked") if trailers else (b"content-length", str(len(body)).encode())
         self.phase = "wait"
         self.deadline = None
-        self.dispatch(location, request, headers, host, bool(body), body)
+        self.dispatch(location, request, headers + [framing], host, bool(body) or bool(trailers), body, trailers)
 
-    def request_end(self) -> None:
+    def request_end(self, trailers=()) -> None:
         if self.held is not None:
-            self.filter_request_body(b"", True)
+            self.filter_request_body(b"", True, trailers)
             return
+        if trailers and self.stream is not None and self.state is not None:
+            trailers = self.stream.on_request_trailers(trailers)
+            if isinstance(trailers, LocalReply):
+                if not self.answered:
+                    self.keepalive = False
+                    self.send_local_reply(trailers)
+                    return
+                trailers = []  # answered already: too late for a local response
         if self.proxy is not None and not self.proxy.done:
-            self.proxy.body_end()
+            self.proxy.body_end(trailers)
         if self.phase == "body":
             self.phase = "wait"
             if not self.out:
@@ -513,7 +545,7 @@ class ClientConnection:
         self.respond(status, [(b"Content-Type", b"text/plain")] if text else [], body)
 
     def respond_error(self, status: int) -> None:
-        if self.head_sent:
+        if self.answered:
             self.abort()
             return
         if self.proxy is not None:
@@ -542,7 +574,7 @@ class ClientConnection:
         Server and Date go in first, so filters see them and may change or remove them;
         an upstream's own Server and Date give way to ours, as in nginx.
         """
-        if self.closed or self.head_sent:
+        if self.closed or self.answered:
             return False
         settings = self.settings
         head = [(b"Server", server_header(settings.server_tokens)), (b"Date", self.worker.date.now())]
@@ -557,12 +589,22 @@ class ClientConnection:
         if filters and self.stream is not None:
             self.state.status = status
             reply = self.stream.on_response_headers(status, head, end_of_stream)
-            if reply is not None:
-                self.drop_proxy()
-                self.send_local_reply(reply)
-                return False
-            status, head = self.stream.status, self.stream.response_headers
-        self.body_filter = (self.stream is not None and filters and self.stream.wants_response_body
+            if reply is PAUSED:  # the body and the end queue up behind the head
+                self.hold_response(self.response_headers_filtered)
+                return True
+            return self.response_headers_filtered(reply)
+        return self.write_head(status, head, filtered=False)
+
+    def response_headers_filtered(self, reply) -> bool:
+        if reply is not None:
+            self.drop_proxy()
+            self.send_local_reply(reply)
+            return False
+        return self.write_head(self.stream.status, self.stream.response_headers, filtered=True)
+
+    def write_head(self, status: int, head: list, filtered: bool) -> bool:
+        settings = self.settings
+        self.body_filter = (filtered and self.stream.wants_response_body
                             and not self.is_head and status not in NO_BODY_STATUSES)
         if status in NO_BODY_STATUSES or self.body_filter:
             # A filtered body may change length: it goes out chunked (close-delimited to 1.0).
@@ -591,9 +633,51 @@ class ClientConnection:
         self.out += data
         return True
 
+    def hold_response(self, then) -> None:
+        """A response filter paused for a callout: what follows queues up until `then(result)` says go on.
+
+        The peer is not read meanwhile (see ProxyRequest.upstream_readable), so the
+        queue holds at most what one read brought; send_timeout bounds the wait.
+        """
+        self.held_response = []
+        self.worker.set_deadline(self, self.settings.send_timeout)
+
+        def released(result) -> None:
+            if self.closed or self.held_response is None:
+                return
+            queued, self.held_response = self.held_response, None
+            self.deadline = None
+            if not then(result):
+                return  # answered otherwise: what queued belongs to a response that is gone
+            for n, item in enumerate(queued):
+                if self.closed:
+                    return
+                if self.held_response is not None:  # held again (the end of the body)
+                    self.held_response[:0] = queued[n:]
+                    return
+                if type(item) is list:
+                    self.end_response(item)
+                else:
+                    self.send_body(item)
+            if self.closed:
+                return
+            if self.proxy is not None and not self.proxy.done:
+                self.proxy.resume_upstream()
+            elif self.phase == "body":
+                self.worker.set_deadline(self, self.settings.client_body_timeout)
+            self.flush()
+
+        self.stream.on_resume = released
+
     def send_body(self, data: bytes, end: bool = False) -> None:
+        if self.held_response is not None:
+            self.held_response.append(data)
+            return
         if self.body_filter and self.stream is not None:
             data = self.filter_response_body(data, end)
+        self.write_body(data)
+
+    def write_body(self, data: bytes) -> None:
         if self.closed or not data or self.is_head or self.response_status in NO_BODY_STATUSES:
             return
         try:
@@ -606,7 +690,9 @@ class ClientConnection:
         self.out += out  # written by end_response, or by the proxy after each read
 
     def filter_response_body(self, data: bytes, end: bool) -> bytes:
-        out = self.stream.on_response_body(data, end)
+        return self.response_body_filtered(self.stream.on_response_body(data, end))
+
+    def response_body_filtered(self, out) -> bytes:
         if isinstance(out, LocalReply):
             # The head is on the wire already: nothing to answer with but a cut connection.
             self.worker.log.error(f"a filter answered {out.status} after the response head was sent, "
@@ -615,15 +701,37 @@ class ClientConnection:
             return b""
         return out
 
-    def end_response(self) -> None:
+    def end_response(self, trailers=()) -> None:
+        """The response is complete: the body filters' end, the trailers, then the next request."""
         if self.closed:
             return
+        if self.held_response is not None:
+            self.held_response.append(list(trailers))
+            return
         if self.body_filter and self.stream is not None:
-            self.send_body(b"", end=True)
-            if self.closed:
+            out = self.stream.on_response_body(b"", True)
+            if out is PAUSED:  # the end of the body waits for a filter's callout
+                self.hold_response(lambda out: self.response_body_ended(out, trailers))
+                return
+            self.response_body_ended(out, trailers)
+        else:
+            self.finish_response(trailers)
+
+    def response_body_ended(self, out, trailers) -> bool:
+        self.write_body(self.response_body_filtered(out))
+        if not self.closed:
+            self.finish_response(trailers)
+        return not self.closed
+
+    def finish_response(self, trailers) -> None:
+        """The end of the message, with trailers where the framing carries them (chunked); then the next request."""
+        if trailers and self.stream is not None:
+            trailers = self.stream.on_response_trailers(trailers)
+            if isinstance(trailers, LocalReply):
+                self.response_body_filtered(trailers)  # too late to answer: the connection is cut
                 return
         try:
-            self.out += self.h11.send(h11.EndOfMessage())
+            self.out += self.h11.send(end_of_message(self.h11, trailers))
         except h11.LocalProtocolError:
             self.abort()
             return
@@ -717,11 +825,19 @@ class ClientConnection:
     # -- endings ------------------------------------------------------------------------
 
     def on_timeout(self) -> None:
-        if self.phase == "paused":
-            self.worker.log.error(f"filters did not resume the request in time, client: {self.remote_addr}")
+        if self.phase == "paused" or self.held_response is not None:
+            what = "request" if self.phase == "paused" else "response"
+            self.worker.log.error(f"filters did not resume the {what} in time, client: {self.remote_addr}")
             self.keepalive = False
             self.phase = "wait"
-            self.respond_error(504)
+            self.held_response = None
+            if self.head_sent:
+                self.abort()
+                return
+            self.drop_proxy()
+            # Not through the response filters: the stream is still paused in one of its phases.
+            self.respond(504, [(b"Content-Type", b"text/html")], error_page(504, self.settings.server_tokens),
+                         filters=False)
         elif self.out:
             self.worker.log.info(f"client timed out (110: Connection timed out) while sending response "
                                  f"to client, client: {self.remote_addr}")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import time
 from http import HTTPStatus
 
+import h11
+from h11._writers import ChunkedWriter
+
 from forkgw import __version__
 
 REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -103,3 +106,13 @@ def split_pseudo(headers, method: bytes, path: bytes):
         elif not name.startswith(b":"):
             rest.append((name, value))
     return method, path, authority, rest
+
+
+def sends_chunked(conn: h11.Connection) -> bool:
+    """Whether `conn` frames the body it sends chunked: only then can trailers follow it."""
+    return type(conn._writer) is ChunkedWriter  # h11 keeps its framing decision private
+
+
+def end_of_message(conn: h11.Connection, trailers) -> h11.EndOfMessage:
+    """The end of a body sent on `conn`, with `trailers` where the framing can carry them."""
+    return h11.EndOfMessage(headers=trailers) if trailers and sends_chunked(conn) else h11.EndOfMessage()

@@ -24,7 +24,7 @@ import time
 import h11
 
 from forkgw.conf.model import Upstream, UpstreamServer
-from forkgw.http.messages import end_to_end
+from forkgw.http.messages import end_of_message, end_to_end
 
 READ_SIZE = 65536
 NON_IDEMPOTENT = frozenset({b"POST", b"LOCK", b"PATCH"})
@@ -283,6 +283,7 @@ class ProxyRequest:
         self.replay_size = 0
         self.pending: list[bytes] = []  # body chunks waiting for the connection to open
         self.body_ended = not has_body
+        self.trailers: list = []  # the request's, once its body ended (kept for a retry)
         self.response_started = False
         self.sent = False  # the request went out to some peer (a retry would resend it)
         self.timed_out = False  # the last attempt failed on a timeout
@@ -329,7 +330,7 @@ class ProxyRequest:
         self.pending = []
         self.client.resume_reading()
         if self.body_ended:
-            conn.send(h11.EndOfMessage())
+            conn.send(end_of_message(conn.h11, self.trailers))
         conn.want(selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
         conn.flush()
         self.worker.set_deadline(conn, self.settings.proxy_read_timeout if not conn.out
@@ -398,12 +399,13 @@ class ProxyRequest:
             if len(self.pending) > 4 and sum(map(len, self.pending)) > HIGH_WATER:
                 self.client.pause_reading()
 
-    def body_end(self) -> None:
+    def body_end(self, trailers=()) -> None:
         if self.body_ended:
             return  # no body: the request went out whole with its EndOfMessage
         self.body_ended = True
+        self.trailers = list(trailers)
         if self.conn is not None and self.conn.connected:
-            self.conn.send(h11.EndOfMessage())
+            self.conn.send(end_of_message(self.conn.h11, self.trailers))
 
     def upstream_drained(self, conn: UpstreamConnection) -> None:
         self.client.resume_reading()
@@ -438,7 +440,7 @@ class ProxyRequest:
             elif isinstance(event, h11.Data):
                 self.client.send_body(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                self.response_end(conn)
+                self.response_end(conn, event.headers)
             elif isinstance(event, h11.ConnectionClosed):
                 self.upstream_failed(conn, "upstream prematurely closed connection", None)
                 return
@@ -446,6 +448,10 @@ class ProxyRequest:
                 break
         self.client.flush()  # one write for everything this read produced
         if conn is self.conn and not self.done:
+            if self.client.held_response is not None:
+                conn.want(0)  # a response filter waits for a callout: resumed by the client
+                conn.deadline = None
+                return
             if self.client.out_pending() > HIGH_WATER:
                 conn.want(0)  # the client reads slowly: stop reading the peer
                 self.client.on_drained = self.resume_upstream
@@ -454,6 +460,7 @@ class ProxyRequest:
     def resume_upstream(self) -> None:
         if self.conn is not None and not self.conn.closed:
             self.conn.want(selectors.EVENT_READ | (selectors.EVENT_WRITE if self.conn.out else 0))
+            self.worker.set_deadline(self.conn, self.settings.proxy_read_timeout)
 
     def response_head(self, conn: UpstreamConnection, event: h11.Response) -> None:
         status = event.status_code
@@ -476,7 +483,7 @@ class ProxyRequest:
             (b"content-length", b"0") in headers
         self.client.send_response_head(event.status_code, headers, proxied=True, end_of_stream=bodiless)
 
-    def response_end(self, conn: UpstreamConnection) -> None:
+    def response_end(self, conn: UpstreamConnection, trailers=()) -> None:
         self.times.append(f"{self.worker.now - self.attempt_start:.3f}")
         self.conn = None
         self.done = True
@@ -486,7 +493,7 @@ class ProxyRequest:
         else:
             conn.close()
         self.publish()
-        self.client.end_response()
+        self.client.end_response(trailers)
 
     # -- endings --------------------------------------------------------------
 

@@ -13,7 +13,7 @@ Theory of operation:
   proxy_set_effective_context.  Map 6 (with `:status`), map 7 and buffer 4
   hold the response during that callback only, and proxy_get_status gives
   the status code; a failure or timeout gives counts 0, empty maps and
-  status 0.
+  status 0.  A body its stream holds for the call is buffer 0 or 1 then.
 - Never re-entrant: a guest is never entered from inside a host call.  The
   dispatcher can fail at once (a refused connect on loopback) while the guest
   is still inside proxy_http_call: that answer waits in `early` until control
@@ -163,6 +163,9 @@ class Callouts:
         host = vm.host
         host.call = response
         host.buffers = {BufferType.HTTP_CALL_RESPONSE_BODY: response.body}
+        held = stream.held_body() if stream is not None else None
+        if held is not None:  # a body waiting for this answer: readable and editable in place
+            host.buffers[held[0]] = held[1]
         try:
             vm.invoke(root, "proxy_on_http_call_response", root.id, call.token, len(response.headers),
                       len(response.body), len(response.trailers))

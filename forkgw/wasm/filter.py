@@ -20,24 +20,28 @@ Theory of operation:
   One local reply per stream: a second one is ignored (answered OK, logged).
   proxy_close_stream is a local reply 502 with "connection: close": the
   nearest HTTP/1.1 gets to a reset while keeping the access log line.
-- Pausing the request headers: a filter that returns Pause while one of its
-  HTTP callouts is in flight pauses the request.  `on_request_headers`
-  returns PAUSED, the worker waits (its client_header_timeout bounds the
-  wait), and the stream later calls `on_resume(reply_or_None)` from the
-  loop, never from inside a host call:
-  - proxy_continue_stream(0) (0.1.0: proxy_continue_request): the remaining
-    filters run; one may pause again (the worker keeps waiting, no
-    on_resume yet) or answer; then on_resume(None | LocalReply);
+- Pausing: a filter that returns Pause from a headers phase (request or
+  response), or at the end of a body, while one of its HTTP callouts is in
+  flight, holds the stream there.  The phase returns PAUSED, the worker waits
+  (request: it stops reading the client, bounded by client_header_timeout or
+  client_body_timeout; response: it holds the head or the end of the body and
+  stops reading the peer, bounded by send_timeout), and the stream later
+  calls `on_resume(result)` from the loop, never from inside a host call:
+  - proxy_continue_stream(0 for a request phase, 1 for a response phase;
+    0.1.0: proxy_continue_request / proxy_continue_response): the remaining
+    filters run; one may pause again (the worker keeps waiting, no on_resume
+    yet) or answer; then on_resume(the phase's result);
   - a local response sent from the callout callback (effective context):
     on_resume(that reply); proxy_close_stream: on_resume(LocalReply(502));
   - none of these after the answer to its last call in flight: resumed
     anyway (Kong's rule), logged at [warn];
   - its VM failed meanwhile: on_error decides (500, or skip and resume).
-  When the outcome is known before the phase returns (a call that failed at
-  once), it is returned directly instead of PAUSED.  A Pause with no call
-  in flight cannot be resumed: logged once per filter and phase, treated as
-  Continue.  So is a Pause of the response headers: the response head is
-  never held (the callout's answer still reaches the filter).
+  A phase's result: None or a LocalReply for headers, the body bytes to pass
+  on or a LocalReply for a body.  While a body is held, the callout callback
+  can read and edit it (buffer 0 or 1).  When the outcome is known before the
+  phase returns (a call that failed at once), it is returned directly instead
+  of PAUSED.  A Pause with no call in flight cannot be resumed: logged once
+  per filter and phase, treated as Continue.  Trailers are never held.
 - Bodies: the worker feeds `on_request_body` / `on_response_body` every
   chunk and a last call with end_of_stream (data may be empty), and only
   for chains that need it (`wants_request_body`, `wants_response_body`,
@@ -49,7 +53,8 @@ Theory of operation:
   buffer to the next filter and, after the last, back to the worker; Pause
   (or StopIterationAndBuffer: anything non-zero) keeps it, the call returns
   b"", and the next chunk is appended.  At end_of_stream everything goes on
-  (a Pause there is logged once and treated as Continue).
+  (a Pause there with no callout in flight is logged once and treated as
+  Continue).
 - A paused body buffer is bounded by `wasm { body_buffer_size }`.  Past it,
   a request body is answered 413; a response body passes through (its head
   is on the wire already): what was buffered goes on unmodified, then the
@@ -57,6 +62,9 @@ Theory of operation:
   stream (Continue) are never limited.  A local response from a body
   callback comes back as a LocalReply (for a response body the worker can
   only cut the connection).
+- Trailers (HTTP/1.1 chunked trailers): after the body's end_of_stream call,
+  `on_request_trailers` / `on_response_trailers` run the chain over map 1 /
+  map 3 and hand the (edited) trailers back to forward.
 - A filter whose VM traps (or is down, waiting for its rebuild): for
   on_error "fail" the phase returns LocalReply(500); for "continue" the
   filter is skipped for the rest of the stream (a body it held goes on
@@ -99,14 +107,19 @@ class LocalReply:
 _DEAD = object()  # this filter is out of the stream (VM failed or unavailable)
 _UNDECIDED = object()  # a paused request's outcome, while not known
 
-# on_request_headers' answer when a filter paused the request (e.g. for a callout):
-# the worker waits, and the stream calls `on_resume(LocalReply | None)` from the loop.
+# A phase's answer when a filter paused the stream for a callout: the worker waits,
+# and the stream calls `on_resume(the phase's result)` from the loop.
 PAUSED = object()
 
 ON_REQUEST_HEADERS = "proxy_on_request_headers"
 ON_RESPONSE_HEADERS = "proxy_on_response_headers"
 ON_REQUEST_BODY = "proxy_on_request_body"
 ON_RESPONSE_BODY = "proxy_on_response_body"
+ON_REQUEST_TRAILERS = "proxy_on_request_trailers"
+ON_RESPONSE_TRAILERS = "proxy_on_response_trailers"
+
+# The phases a callout can hold, and the direction proxy_continue_stream names to resume each.
+DIRECTION = {ON_REQUEST_HEADERS: 0, ON_REQUEST_BODY: 0, ON_RESPONSE_HEADERS: 1, ON_RESPONSE_BODY: 1}
 
 TOO_LARGE = b"request body too large for the filters\n"
 
@@ -136,8 +149,9 @@ class Stream:
     """The filters' view of one request; the worker reads the maps back after each phase."""
 
     # State only pauses and bodies use: class defaults, so a plain request never sets them.
-    paused_at: int | None = None  # index of the filter whose Pause holds the request headers
-    request_eos = False
+    paused_at: int | None = None  # index of the filter whose Pause holds the stream
+    paused_phase = ON_REQUEST_HEADERS  # the phase it holds (a DIRECTION key)
+    paused_eos = False
     resume_requested = False
     inline = False  # woken inside on_request_headers: the outcome is returned, not sent to on_resume
     outcome = _UNDECIDED
@@ -153,7 +167,7 @@ class Stream:
         self.contexts: list = [None] * len(chain)
         self.request_headers: list[tuple[bytes, bytes]] = []
         self.request_seen = False
-        self.request_trailers: list[tuple[bytes, bytes]] = []  # kept for the ABI; not forwarded yet
+        self.request_trailers: list[tuple[bytes, bytes]] = []
         self.response_map: list[tuple[bytes, bytes]] | None = None  # with :status, once known
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.response_trailers: list[tuple[bytes, bytes]] = []
@@ -175,30 +189,36 @@ class Stream:
         self.request_seen = True
         if not self.chain:
             return None
-        reply = self._run(ON_REQUEST_HEADERS, self.request_headers, end_of_stream)
-        callouts = self.callouts
-        if reply is PAUSED:
-            self.request_eos = end_of_stream
-            reply = self._settle(reply)
-        elif callouts is not None and (callouts.early or callouts.touched):
-            reply = self._settle(reply)
+        reply = self._settled(self._run(ON_REQUEST_HEADERS, self.request_headers, end_of_stream))
         _pseudo_first(self.request_headers)
         return reply
 
-    def on_response_headers(
-        self, status: int, headers: list[tuple[bytes, bytes]], end_of_stream: bool
-    ) -> LocalReply | None:
+    def on_response_headers(self, status: int, headers: list[tuple[bytes, bytes]], end_of_stream: bool):
+        """None (go on: read `status` and `response_headers`), a LocalReply, or PAUSED."""
         self.status = status
         if not self.chain:
             self.response_headers = list(headers)
             return None
         self.response_map = [(b":status", str(status).encode())] + [(name.lower(), value) for name, value in headers]
-        reply = self._run(ON_RESPONSE_HEADERS, self.response_map, end_of_stream)
-        callouts = self.callouts
-        if callouts is not None and (callouts.early or callouts.touched):
-            reply = self._settle(reply)
-        self._read_back_response()
+        reply = self._settled(self._run(ON_RESPONSE_HEADERS, self.response_map, end_of_stream))
+        if reply is not PAUSED:
+            self._read_back_response()
         return reply
+
+    def on_request_trailers(self, trailers: list[tuple[bytes, bytes]]):
+        """The trailers to forward (as the filters left them), or a LocalReply."""
+        self.request_trailers = [(name.lower(), value) for name, value in trailers]
+        return self._trailers(ON_REQUEST_TRAILERS, self.request_trailers)
+
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]):
+        self.response_trailers = [(name.lower(), value) for name, value in trailers]
+        return self._trailers(ON_RESPONSE_TRAILERS, self.response_trailers)
+
+    def _trailers(self, export: str, pairs: list[tuple[bytes, bytes]]):
+        if not self.chain:
+            return pairs
+        reply = self._settled(self._run(export, pairs, True))
+        return pairs if reply is None else reply
 
     def on_request_body(self, data: bytes, end_of_stream: bool):
         """bytes to pass on now (b"" while a filter buffers), or a LocalReply."""
@@ -223,7 +243,7 @@ class Stream:
         self.response_headers = [pair for pair in self.response_map if not pair[0].startswith(b":")]
 
     def _run(self, export: str, pairs: list, end_of_stream: bool, start: int = 0):
-        """Run the filters from `start`: None, a LocalReply, or PAUSED (request headers only)."""
+        """Run the filters from `start`: None, a LocalReply, or PAUSED (headers phases only)."""
         if self.pending is not None:  # produced between phases (e.g. from a tick)
             reply, self.pending = self.pending, None
             return reply
@@ -252,13 +272,13 @@ class Stream:
                 reply, self.pending = self.pending, None
                 return reply
             if action:
-                if ctx.calls and export == ON_REQUEST_HEADERS:
-                    self.paused_at = i  # its callout's answer can resume the request
-                    return PAUSED
-                if export == ON_REQUEST_HEADERS:
+                if export in DIRECTION:
+                    if ctx.calls:  # its callout's answer can resume the stream
+                        self._hold(i, export, end_of_stream)
+                        return PAUSED
                     self._paused(plugin, export, action, "nothing can resume the stream yet")
                 else:
-                    self._paused(plugin, export, action, "a response head is never held")
+                    self._paused(plugin, export, action, "trailers are never held")
         return None
 
     def _context(self, i: int, plugin: Plugin) -> HttpContext | None:
@@ -300,6 +320,18 @@ class Stream:
 
     # -- pause and resume -------------------------------------------------------
 
+    def _hold(self, i: int, export: str, end_of_stream: bool) -> None:
+        self.paused_at = i
+        self.paused_phase = export
+        self.paused_eos = end_of_stream
+
+    def _settled(self, result):
+        """A phase's result, once what its callbacks set off has been delivered (see _settle)."""
+        callouts = self.callouts
+        if result is PAUSED or callouts is not None and (callouts.early or callouts.touched):
+            return self._settle(result)
+        return result
+
     def _settle(self, reply):
         """Deliver what this phase's callbacks set off (calls that failed at once, wake-ups).
 
@@ -318,12 +350,20 @@ class Stream:
             reply, self.outcome = self.outcome, _UNDECIDED
             if reply is _UNDECIDED:
                 reply = None
-        if reply is None and self.pending is not None:
+        if not isinstance(reply, LocalReply) and self.pending is not None:
             reply, self.pending = self.pending, None
         return reply
 
+    def held_body(self):
+        """(buffer type, buffer) of a body held for a callout: its answer's callback may edit it."""
+        if self.paused_at is None or self.paused_phase not in (ON_REQUEST_BODY, ON_RESPONSE_BODY):
+            return None
+        phase = 0 if self.paused_phase == ON_REQUEST_BODY else 1
+        held = self.bodies[phase].held.get(self.paused_at)
+        return None if held is None else (BufferType(phase), held)
+
     def wake(self) -> None:
-        """Act on what callbacks did to this paused request (see the module docstring)."""
+        """Act on what callbacks did to this paused stream (see the module docstring)."""
         resume, self.resume_requested = self.resume_requested, False
         i = self.paused_at
         if i is None or self.finished:
@@ -348,13 +388,29 @@ class Stream:
             resume = True
         if resume:
             self.paused_at = None
-            reply = self._run(ON_REQUEST_HEADERS, self.request_headers, self.request_eos, i + 1)
-            if reply is not PAUSED:
-                _pseudo_first(self.request_headers)
-                self._complete(reply)
+            result = self._resume(i)
+            if result is not PAUSED:
+                self._complete(result)
 
-    def _complete(self, reply: LocalReply | None) -> None:
-        """The paused request goes on (None) or is answered: tell the worker, or the phase still running."""
+    def _resume(self, i: int):
+        """The held phase goes on past filter i."""
+        export, eos = self.paused_phase, self.paused_eos
+        if export == ON_REQUEST_HEADERS:
+            reply = self._run(export, self.request_headers, eos, i + 1)
+            _pseudo_first(self.request_headers)
+            return reply
+        if export == ON_RESPONSE_HEADERS:
+            reply = self._run(export, self.response_map, eos, i + 1)
+            if reply is not PAUSED:
+                self._read_back_response()
+            return reply
+        phase = 0 if export == ON_REQUEST_BODY else 1
+        body = self.bodies[phase]
+        held = body.held.pop(i, b"")
+        return self._filter_body(phase, export, body, bytes(held), eos, i + 1)
+
+    def _complete(self, reply) -> None:
+        """The paused phase has its result: tell the worker, or the phase still running."""
         self.paused_at = None
         if self.inline:
             self.outcome = reply
@@ -374,19 +430,14 @@ class Stream:
         bodies = self.bodies
         if bodies is None:
             bodies = self.bodies = (_Body(), _Body())
-        out = self._filter_body(phase, export, bodies[phase], data, end)
-        callouts = self.callouts
-        if callouts is not None and (callouts.early or callouts.touched):
-            reply = self._settle(None)
-            if reply is not None:
-                return reply
-        return out
+        out = self._settled(self._filter_body(phase, export, bodies[phase], data, end))
+        return b"" if out is None else out
 
-    def _filter_body(self, phase: int, export: str, body: _Body, data: bytes, end: bool):
+    def _filter_body(self, phase: int, export: str, body: _Body, data: bytes, end: bool, start: int = 0):
         buffer_type = BufferType.HTTP_REQUEST_BODY if phase == 0 else BufferType.HTTP_RESPONSE_BODY
         limit = self.runtime.wasm.body_buffer_size if self.runtime is not None else 1 << 20
         eos = 1 if end else 0
-        for i, (plugin, fail_closed) in enumerate(self.chain):
+        for i, (plugin, fail_closed) in enumerate(self.chain[start:] if start else self.chain, start):
             if i in body.passing:
                 continue
             ctx = self._context(i, plugin)
@@ -441,9 +492,13 @@ class Stream:
                 reply, self.pending = self.pending, None
                 body.held.clear()
                 return reply
-            if action and not end:
-                body.held[i] = buf if type(buf) is bytearray else bytearray(buf)  # the next chunk is appended
-                return b""
+            if action and (not end or ctx.calls):
+                # Held: the next chunk is appended, or (at the end) its callout's answer resumes it.
+                body.held[i] = buf if type(buf) is bytearray else bytearray(buf)
+                if not end:
+                    return b""
+                self._hold(i, export, end)
+                return PAUSED
             if action:
                 self._paused(plugin, export + " at end of stream", action, "the body is complete")
             body.held.pop(i, None)
@@ -469,9 +524,9 @@ class Stream:
         if self.paused_at is not None:
             self.callouts.touch(self)
 
-    def continue_request(self) -> None:
-        """proxy_continue_stream(0): resume a paused request at the next safe point."""
-        if self.paused_at is not None and not self.finished:
+    def continue_stream(self, direction: int) -> None:
+        """proxy_continue_stream(0 request, 1 response): resume a phase of that direction held by a pause."""
+        if self.paused_at is not None and not self.finished and DIRECTION[self.paused_phase] == direction:
             self.resume_requested = True
             self.callouts.touch(self)
 

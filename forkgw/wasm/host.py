@@ -546,18 +546,18 @@ class Host:
     # -- env: stream control ---------------------------------------------------
 
     def proxy_continue_stream(self, stream_type):
-        """Request: resume it if paused; response (never held), downstream, upstream: nothing to do."""
+        """Request (0) or response (1): resume a phase of that direction held by a pause."""
         if stream_type > 3:
             return BAD_ARGUMENT
-        if stream_type == 0:
-            self._continue_request()
+        if stream_type < 2:
+            self._continue(stream_type)
         return OK
 
-    def _continue_request(self):
+    def _continue(self, direction: int):
         ctx = self.ctx
         stream = ctx.stream if ctx is not None else None
         if stream is not None:
-            stream.continue_request()
+            stream.continue_stream(direction)
 
     def proxy_close_stream(self, stream_type):
         if stream_type > 3:
@@ -568,10 +568,11 @@ class Host:
         return OK
 
     def proxy_continue_request(self):
-        self._continue_request()
+        self._continue(0)
         return OK
 
     def proxy_continue_response(self):
+        self._continue(1)
         return OK
 
     def proxy_clear_route_cache(self):

@@ -332,22 +332,138 @@ def test_trap_in_the_callback(h):
         stream.finish()
 
 
-def test_pause_in_response_headers_is_treated_as_continue(h):
-    loop = Loop()
-    w = Wat()
-    code = f"""
+def on_response(w: Wat, then: str = "", pause: int = 1) -> str:
+    """Response headers: dispatch, remember the HTTP context, return `pause`; the answer runs `then`."""
+    return f"""
   (global $http (mut i32) (i32.const 0))
   (func (export "proxy_on_response_headers") (param $ctx i32) (param i32 i32) (result i32)
-    (global.set $http (local.get $ctx)) {dispatch(w)} (i32.const 1))
-{answer_cb(w, "")}"""
-    rt = runtime(h, w.build(code), loop)
+    (global.set $http (local.get $ctx)) {dispatch(w)} (i32.const {pause}))
+{answer_cb(w, then)}"""
+
+
+def test_pause_in_response_headers_holds_the_head_until_continued(h):
+    loop = Loop()
+    w = Wat()
+    after = Wat()
+    mark = f"(drop (call $proxy_add_header_map_value (i32.const 2) {after.s('x-after')} {after.s('yes')})) (i32.const 0)"
+    later = after.build(f'  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) {mark})')
+    edit = (f"(drop (call $proxy_replace_header_map_value (i32.const 2) {w.s(':status')} {w.s('203')}))"
+            f" (drop (call $proxy_add_header_map_value (i32.const 2) {w.s('x-checked')} {w.s('by-callout')}))"
+            f" (call $log_num {w.s('continue')} (call $proxy_continue_stream (i32.const 1)))")
+    rt = runtime(h, {"check": w.build(on_response(w, edit)), "after": later}, loop)
+    stream = rt.stream(rt.filters, info())
+    assert stream.on_request_headers(list(REQUEST), True) is None
+    resumed = Resumed(stream)
+    assert stream.on_response_headers(200, list(RESPONSE), False) is PAUSED
+    assert resumed.calls == [] and stream.status == 200
+    loop.answer()
+    assert resumed.calls == [None]
+    assert stream.status == 203
+    assert (b"x-checked", b"by-callout") in stream.response_headers
+    assert (b"x-after", b"yes") in stream.response_headers  # the rest of the chain ran after the resume
+    assert not any(n.startswith(b":") for n, _ in stream.response_headers)
+    stream.finish()
+    assert not any("pause" in m for m in h.messages("warn"))
+
+
+def test_continuing_the_wrong_direction_does_not_resume_a_response(h):
+    loop = Loop()
+    w = Wat()
+    rt = runtime(h, w.build(on_response(w, continue_(w))), loop)  # proxy_continue_stream(0)
+    stream = rt.stream(rt.filters, info())
+    assert stream.on_request_headers(list(REQUEST), True) is None
+    resumed = Resumed(stream)
+    assert stream.on_response_headers(200, list(RESPONSE), False) is PAUSED
+    loop.answer()
+    assert resumed.calls == [None]  # resumed by Kong's rule, not by the request's continue
+    assert any("neither resumed nor answered" in m for m in h.messages("warn"))
+    stream.finish()
+
+
+def test_local_response_while_the_response_head_is_held(h):
+    loop = Loop()
+    w = Wat()
+    rt = runtime(h, w.build(on_response(w, reply(w, 502, "bad upstream answer"))), loop)
+    stream = rt.stream(rt.filters, info())
+    assert stream.on_request_headers(list(REQUEST), True) is None
+    resumed = Resumed(stream)
+    assert stream.on_response_headers(200, list(RESPONSE), False) is PAUSED
+    loop.answer()
+    [got] = resumed.calls
+    assert isinstance(got, LocalReply) and (got.status, got.body) == (502, b"bad upstream answer")
+    stream.finish()
+
+
+def test_pause_without_a_call_in_flight_continues(h):
+    w = Wat()
+    rt = h.runtime(w.build('  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) (i32.const 1))'))
     stream = rt.stream(rt.filters, info())
     assert stream.on_request_headers(list(REQUEST), True) is None
     assert stream.on_response_headers(200, list(RESPONSE), False) is None
-    loop.answer()
-    assert "answer_token=1" in h.guest_lines()
+    assert any("proxy_on_response_headers returned 1 (pause), but nothing can resume" in m for m in h.messages("warn"))
     stream.finish()
-    assert any("proxy_on_response_headers returned 1 (pause)" in m for m in h.messages("warn"))
+
+
+def body_check(w: Wat, export: str, btype: int, then: str) -> str:
+    """Buffer the body; at its end call out (body in the call) and pause; the answer runs `then`."""
+    return f"""
+  (global $http (mut i32) (i32.const 0))
+  (func (export "{export}") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
+    (global.set $http (local.get $ctx))
+    (if (local.get $eos) (then {dispatch(w)}))
+    (i32.const 1))
+{answer_cb(w, then)}"""
+
+
+def test_pause_at_the_end_of_a_body_waits_for_the_callout_which_may_edit_it(h):
+    for export, btype, direction in (("proxy_on_request_body", 0, 0), ("proxy_on_response_body", 1, 1)):
+        loop = Loop()
+        w = Wat()
+        edit = (f"(call $log_num {w.s('held')} (call $proxy_get_buffer_bytes (i32.const {btype}) (i32.const 0)"
+                f" (i32.const 100) {RET})) (call $log_ret {w.s('held_body')})"
+                f" (drop (call $proxy_set_buffer_bytes (i32.const {btype}) (i32.const -1) (i32.const 0) {w.s(' +checked')}))"
+                f" (call $log_num {w.s('continue')} (call $proxy_continue_stream (i32.const {direction})))")
+        rt = runtime(h, w.build(body_check(w, export, btype, edit)), loop)
+        stream = rt.stream(rt.filters, info())
+        assert stream.on_request_headers(list(REQUEST), False) is None
+        feed = stream.on_request_body if btype == 0 else stream.on_response_body
+        if btype == 1:
+            assert stream.on_request_body(b"", True) == b""
+            assert stream.on_response_headers(200, list(RESPONSE), False) is None
+        resumed = Resumed(stream)
+        assert feed(b"first ", False) == b""
+        assert feed(b"second", True) is PAUSED
+        assert len(loop.calls) == 1
+        loop.answer()
+        assert resumed.calls == [b"first second +checked"], (export, resumed.calls)
+        lines = h.guest_lines()
+        assert "held=0" in lines and "held_body:first second" in lines and "continue=0" in lines
+        stream.finish()
+
+
+def test_trailers_run_the_chain_over_maps_1_and_3(h):
+    w = Wat()
+    code = ""
+    for export, map_type in (("proxy_on_request_trailers", 1), ("proxy_on_response_trailers", 3)):
+        code += f"""
+  (func (export "{export}") (param $ctx i32) (param $n i32) (result i32)
+    (call $log_num {w.s(f'count{map_type}')} (local.get $n))
+    (if (i32.eqz (call $proxy_get_header_map_value (i32.const {map_type}) {w.s('x-sum')} {RET}))
+      (then (call $log_ret {w.s(f'sum{map_type}')})))
+    (drop (call $proxy_add_header_map_value (i32.const {map_type}) {w.s('x-filtered')} {w.s('yes')}))
+    (i32.const 1))"""
+    rt = h.runtime(w.build(code))
+    stream = rt.stream(rt.filters, info())
+    assert stream.on_request_headers(list(REQUEST), False) is None
+    out = stream.on_request_trailers([(b"X-Sum", b"abc")])
+    assert out == [(b"x-sum", b"abc"), (b"x-filtered", b"yes")]
+    assert stream.on_response_headers(200, list(RESPONSE), False) is None
+    assert stream.on_response_trailers([(b"x-sum", b"def"), (b"x-two", b"2")])[-1] == (b"x-filtered", b"yes")
+    lines = h.guest_lines()
+    assert "count1=1" in lines and "sum1:abc" in lines and "count3=2" in lines and "sum3:def" in lines
+    assert any("proxy_on_request_trailers returned 1 (pause), but trailers are never held" in m
+               for m in h.messages("warn"))
+    stream.finish()
 
 
 # -- ticks ------------------------------------------------------------------------------------
