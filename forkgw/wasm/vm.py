@@ -471,8 +471,18 @@ class VM:
         return reason
 
     def _release(self) -> None:
-        """Forget the instance: no call can reach it any more."""
+        """Forget the instance: no call can reach it any more.
+
+        The Store (and its linear memory) is freed right here: besides ours, its
+        only reference is the guest's, and the guest sits in a reference cycle
+        (store -> its host callbacks -> host/guest -> store) that only a full
+        gc.collect() would reclaim, so retired VMs (vm_recycle_memory, rebuilds)
+        would pile up, each with its linear memory still mapped.
+        """
         self.contexts.clear()
+        guest = self.host.mem if self.host is not None else self.guest
+        if guest is not None:
+            guest.store = None
         self.guest = None
         self.store = None
         if self.host is not None:

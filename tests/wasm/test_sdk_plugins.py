@@ -1,5 +1,7 @@
 """The real AssemblyScript (@solo-io/proxy-runtime 0.1.8) filters from plugins/, unchanged."""
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,21 @@ def test_add_header(h):
         assert stream.response_headers == RESPONSE + [(b"hello", b"add_header")]
         assert stream.status == 200
     assert "[error]" not in h.log() and "[crit]" not in h.log()
+
+
+def test_a_recycled_vm_frees_its_store_at_once(h):
+    runtime = plugin_runtime(h, "add_header", "add_header")
+    runtime.wasm.vm_recycle_memory = 1
+    state = runtime.states["add_header"]
+    state.boot_memory = 0  # as if all of its memory had grown since boot: recycled after the request
+    old = weakref.ref(state.vm.store)
+    gc.disable()
+    try:
+        exchange(runtime)
+        assert state.vm is not None and state.vm.store is not old()
+        assert old() is None  # its linear memory is gone now, not at the next full collection
+    finally:
+        gc.enable()
 
 
 def test_add_header_with_an_empty_configuration_fails_to_boot(h):
