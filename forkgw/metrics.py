@@ -50,11 +50,12 @@ class FilterMeter:
         self.phases: dict[str, tuple] = {}
         self.traps = store.counter("forkgw_wasm_traps_total", self.labels)
 
-    def record(self, export: str, seconds: float) -> None:
+    def record_ns(self, export: str, nanoseconds: int) -> None:
+        """One callback and its time (a perf_counter_ns difference): the per-callback path."""
         pair = self.phases.get(export)
         if pair is None:
             labels = {**self.labels, "phase": export.removeprefix("proxy_on_")}
             pair = self.phases[export] = (self.store.counter("forkgw_wasm_calls_total", labels),
                                           self.store.counter("forkgw_wasm_microseconds_total", labels))
         pair[0].add(1)
-        pair[1].add(int(seconds * 1e6))
+        pair[1].add(nanoseconds // 1000)

@@ -45,7 +45,6 @@ from forkgw.http.upstream import Balancer, Pool
 from forkgw.log import ErrorLog
 from forkgw.routing import Router
 from forkgw.variables import Template, header_bytes, to_bytes, url_bytes
-from forkgw.wasm.filter import StreamInfo
 
 EXIT_BOOT_FAILED = 3  # the master must not respawn this conf's workers in a loop
 ACCEPT_BACKOFF = 0.5  # seconds without accepting after EMFILE/ENFILE, as nginx does
@@ -101,6 +100,29 @@ class LocationPlan:
         self.proxy_headers = [(name.encode("latin-1"), worker.template(value))
                               for name, value in headers.items()]
         self.proxy_header_names = frozenset(name for name, _ in self.proxy_headers)
+
+
+class RequestInfo:
+    """A StreamInfo read from the request's connection and state when a filter asks.
+
+    Nothing is copied per request; the request id is drawn only if a filter reads it
+    (request.id), as `$request_id` draws it only when logged.
+    """
+
+    __slots__ = ("conn", "state")
+    protocol = "HTTP/1.1"
+    scheme = "http"
+
+    def __init__(self, conn, state):
+        self.conn = conn
+        self.state = state
+
+    source = property(lambda self: (self.conn.remote_addr, self.conn.remote_port))
+    destination = property(lambda self: (self.conn.server_addr, self.conn.server_port))
+    connection_id = property(lambda self: self.conn.id)
+    request_id = property(lambda self: self.state.request_id)
+    start_time = property(lambda self: self.state.start_time)
+    response_code = property(lambda self: self.state.status)
 
 
 class Worker:
@@ -451,11 +473,7 @@ class Worker:
         return state
 
     def wasm_stream(self, filters, conn: ClientConnection, state):
-        info = StreamInfo(source=(conn.remote_addr, conn.remote_port),
-                          destination=(conn.server_addr, conn.server_port),
-                          connection_id=conn.id, request_id=state.request_id,
-                          start_time=state.start_time)
-        return self.runtime.stream(filters, info)
+        return self.runtime.stream(filters, RequestInfo(conn, state))
 
     # -- commands from the master -------------------------------------------------------
 

@@ -360,20 +360,20 @@ class ClientConnection:
         self.stream = worker.wasm_stream(settings.filters, self, state)
         reply = self.stream.on_request_headers(pseudo + list(request.headers), not has_body)
         if reply is PAUSED:
-            self.wait_for_filters(lambda reply: self.request_headers_filtered(reply, location, request, has_body),
+            self.wait_for_filters(lambda reply: self.request_headers_filtered(reply, location, request, has_body, host),
                                   self.settings.client_header_timeout)
         else:
-            self.request_headers_filtered(reply, location, request, has_body)
+            self.request_headers_filtered(reply, location, request, has_body, host)
 
-    def request_headers_filtered(self, reply, location, request: h11.Request, has_body: bool) -> None:
+    def request_headers_filtered(self, reply, location, request: h11.Request, has_body: bool, host: bytes) -> None:
         if reply is not None:
             self.send_local_reply(reply)
         else:
-            self.request_filtered(location, request, has_body)
+            self.request_filtered(location, request, has_body, host)
 
-    def request_filtered(self, location, request: h11.Request, has_body: bool) -> None:
+    def request_filtered(self, location, request: h11.Request, has_body: bool, host: bytes) -> None:
         """The request-phase filters let it through: answer, or first read the body they want."""
-        request, headers, host = self.apply_request_changes(request)
+        request, headers, host = self.apply_request_changes(request, host)
         if has_body and self.stream.wants_request_body:
             # nginx buffers request bodies before proxying by default; here it lets the
             # filters see (and change) the whole body before anything is answered.
@@ -416,8 +416,14 @@ class ClientConnection:
 
         self.stream.on_resume = resumed
 
-    def apply_request_changes(self, request: h11.Request):
-        """Rebuild the request from the map the request-phase filters left behind."""
+    def apply_request_changes(self, request: h11.Request, host: bytes):
+        """Rebuild the request from the map the request-phase filters left behind.
+
+        A map the filters left as they got it (pseudo-headers from `request`, :authority
+        `host`) gives back `request` itself: nothing to re-validate.
+        """
+        if not self.stream.wants_request_body and not self.stream.request_changed():
+            return request, request.headers, host
         method, target, host, headers = split_pseudo(self.stream.request_headers, request.method,
                                                      request.target)
         if target != request.target:
@@ -438,8 +444,11 @@ class ClientConnection:
                                               request.target.decode("latin-1"))
         outgoing = self.worker.proxy_headers(location.settings, state, headers)
         # proxy_uri keeps the raw target (latin-1 round-trips its bytes) or escapes to ASCII.
+        # The client's method and fields (parsed by h11) and proxy_set_header values (escaped
+        # when rendered) skip h11's re-validation, unless a filter rewrote the request.
+        trusted = self.stream is None or not self.stream.request_changed()
         upstream_request = h11.Request(method=request.method, target=target.encode("latin-1"),
-                                       headers=outgoing)
+                                       headers=outgoing, _parsed=trusted)
         if has_body and self.h11.they_are_waiting_for_100_continue:
             self.out += self.h11.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
             self.flush()

@@ -121,6 +121,8 @@ ON_RESPONSE_TRAILERS = "proxy_on_response_trailers"
 # The phases a callout can hold, and the direction proxy_continue_stream names to resume each.
 DIRECTION = {ON_REQUEST_HEADERS: 0, ON_REQUEST_BODY: 0, ON_RESPONSE_HEADERS: 1, ON_RESPONSE_BODY: 1}
 
+_END = ("proxy_on_done", "proxy_on_log", "proxy_on_delete")  # finish(), in this order
+
 TOO_LARGE = b"request body too large for the filters\n"
 
 
@@ -156,6 +158,16 @@ class Stream:
     inline = False  # woken inside on_request_headers: the outcome is returned, not sent to on_resume
     outcome = _UNDECIDED
     bodies: tuple[_Body, _Body] | None = None
+    # Per-request state whose start value is immutable: class defaults too (set when it changes).
+    request_seen = False
+    response_map: list[tuple[bytes, bytes]] | None = None  # with :status, once known
+    status = 0
+    replied = False
+    pending: LocalReply | None = None
+    finished = False
+    on_resume = None  # see PAUSED
+    _request_in: list | None = None  # the request map as the filters got it (request_changed)
+    _status_pair: tuple | None = None  # the :status pair this host put first in response_map
 
     def __init__(self, chain: list[tuple[Plugin, bool]], info: StreamInfo, log, runtime=None,
                  wants: tuple[bool, bool] = (False, False)):
@@ -166,32 +178,31 @@ class Stream:
         self.callouts = runtime.callouts if runtime is not None else None
         self.contexts: list = [None] * len(chain)
         self.request_headers: list[tuple[bytes, bytes]] = []
-        self.request_seen = False
         self.request_trailers: list[tuple[bytes, bytes]] = []
-        self.response_map: list[tuple[bytes, bytes]] | None = None  # with :status, once known
         self.response_headers: list[tuple[bytes, bytes]] = []
         self.response_trailers: list[tuple[bytes, bytes]] = []
-        self.status = 0
         self.properties: dict = {}  # proxy_set_property scratch, shared by the chain
-        self.replied = False
-        self.pending: LocalReply | None = None
-        self.finished = False
         # Body phases: set when the chain needs them (Runtime._wants; the worker then holds
-        # the request body, and sends the response chunked); on_resume: see PAUSED.
+        # the request body, and sends the response chunked).
         self.wants_request_body, self.wants_response_body = wants
-        self.on_resume = None
 
     # -- phases ---------------------------------------------------------------
 
     def on_request_headers(self, headers: list[tuple[bytes, bytes]], end_of_stream: bool):
         """None (go on), a LocalReply, or PAUSED (wait for on_resume)."""
-        self.request_headers = [(name.lower(), value) for name, value in headers]
+        pairs = self.request_headers = [(name.lower(), value) for name, value in headers]
         self.request_seen = True
         if not self.chain:
             return None
-        reply = self._settled(self._run(ON_REQUEST_HEADERS, self.request_headers, end_of_stream))
-        _pseudo_first(self.request_headers)
+        self._request_in = pairs.copy()
+        reply = self._settled(self._run(ON_REQUEST_HEADERS, pairs, end_of_stream))
+        if self.request_headers != self._request_in:  # as given (pseudo-headers first) unless changed
+            _pseudo_first(self.request_headers)
         return reply
+
+    def request_changed(self) -> bool:
+        """Whether the request map differs from what the filters were given (the worker then rebuilds)."""
+        return self._request_in is None or self.request_headers != self._request_in
 
     def on_response_headers(self, status: int, headers: list[tuple[bytes, bytes]], end_of_stream: bool):
         """None (go on: read `status` and `response_headers`), a LocalReply, or PAUSED."""
@@ -199,7 +210,8 @@ class Stream:
         if not self.chain:
             self.response_headers = list(headers)
             return None
-        self.response_map = [(b":status", str(status).encode())] + [(name.lower(), value) for name, value in headers]
+        first = self._status_pair = (b":status", str(status).encode())
+        self.response_map = [first] + [(name.lower(), value) for name, value in headers]
         reply = self._settled(self._run(ON_RESPONSE_HEADERS, self.response_map, end_of_stream))
         if reply is not PAUSED:
             self._read_back_response()
@@ -229,8 +241,12 @@ class Stream:
         return self._body(1, ON_RESPONSE_BODY, data, end_of_stream)
 
     def _read_back_response(self) -> None:
+        pairs = self.response_map
+        if pairs and pairs[0] is self._status_pair:  # the first :status is still ours: unchanged
+            self.response_headers = [pair for pair in pairs if not pair[0].startswith(b":")]
+            return
         status = None
-        for name, value in self.response_map:
+        for name, value in pairs:
             if name == b":status":
                 status = value
                 break
@@ -248,16 +264,20 @@ class Stream:
             reply, self.pending = self.pending, None
             return reply
         eos = 1 if end_of_stream else 0
+        contexts = self.contexts
         for i, (plugin, fail_closed) in enumerate(self.chain[start:] if start else self.chain, start):
-            ctx = self._context(i, plugin)
-            if ctx is None:
-                if fail_closed:
-                    return self._fail_reply()
-                continue
+            ctx = contexts[i]
+            if ctx is None or ctx is _DEAD or ctx.vm.failed or ctx.vm is not plugin.state.vm:
+                ctx = self._context(i, plugin)
+                if ctx is None:
+                    if fail_closed:
+                        return self._fail_reply()
+                    continue
             vm = ctx.vm
-            if not vm.has(export):
+            arity = vm.arities.get(export)
+            if arity is None:  # not exported
                 continue
-            args = (ctx.id, len(pairs), eos)[: vm.module.arity(export)]
+            args = (ctx.id, len(pairs), eos) if arity == 3 else (ctx.id, len(pairs), eos)[:arity]
             try:
                 action = vm.invoke(ctx, export, *args)
             except VMFailed:
@@ -291,7 +311,9 @@ class Stream:
                 self.contexts[i] = _DEAD
                 return None
             return ctx
-        vm = state.ready(time.monotonic())
+        vm = state.vm
+        if vm is None or vm.failed:
+            vm = state.ready(time.monotonic())
         if vm is None:
             self.contexts[i] = _DEAD
             outcome = "request answered 500" if self.chain[i][1] else "filter skipped"
@@ -548,10 +570,10 @@ class Stream:
             self.bodies = None
         live = [ctx for ctx in self.contexts if isinstance(ctx, HttpContext)]
         self.contexts = []
-        for export in ("proxy_on_done", "proxy_on_log", "proxy_on_delete"):
+        for export in _END:
             for ctx in live:
                 vm = ctx.vm
-                if vm.failed or not vm.has(export):
+                if vm.failed or export not in vm.arities:
                     continue
                 try:
                     vm.invoke(ctx, export, ctx.id)

@@ -44,6 +44,7 @@ from .host import Host, resolve_import
 
 BOOT_TIMEOUT = 10.0  # seconds _initialize/_start/on_vm_start/on_configure may run
 MAX_CONTEXT_ID = 0x7FFFFFFF  # ids go to wasm as i32 params
+_clock = time.perf_counter_ns
 
 
 class WasmBootError(Exception):
@@ -69,6 +70,7 @@ class CompiledModule:
         self.plan = plan  # [(import module, name, FuncType, (kind, arg))]
         self.exports = exports  # function export name -> signature ("ii:i")
         self.env_imports = frozenset(name for mod, name, _, _ in plan if mod == "env")
+        self.arities = {name: sig.index(":") for name, sig in exports.items()}  # export -> parameter count
         self.label = f'wasm "{conf.name}"'
 
     def arity(self, export: str) -> int:
@@ -271,6 +273,7 @@ class VM:
         self.label = module.label
         self.vm_id = module.name
         self.exports = module.exports
+        self.arities = module.arities
         self.contexts: dict[int, RootContext | HttpContext] = {}
         self.roots: dict[tuple, RootContext] = {}
         self.next_id = 1
@@ -408,7 +411,7 @@ class VM:
         host.current = ctx
         host.effective = None
         meter = ctx.plugin.meter if ctx is not None else None
-        started = time.perf_counter() if meter is not None else 0.0
+        started = _clock() if meter is not None else 0
         try:
             return self.guest.call(export, *args)
         except GuestExit as err:
@@ -424,7 +427,7 @@ class VM:
             host.current = host.effective = None
             host.flush_output()
             if meter is not None:
-                meter.record(export, time.perf_counter() - started)
+                meter.record_ns(export, _clock() - started)
 
     def _fail(self, ctx, export: str, err: BaseException, what: str | None):
         reason = self.describe(err)
