@@ -22,6 +22,7 @@ latest.  If the master dies (channel EOF) it does the same.
 from __future__ import annotations
 
 import errno
+import gc
 import heapq
 from functools import partial
 import itertools
@@ -224,6 +225,9 @@ class Worker:
             self.wasm_deadline = self.runtime.tick(time.monotonic())
         for key, sock in self.listeners.items():
             self.selector.register(sock, selectors.EVENT_READ, self.acceptor(sock, key))
+        # What exists now lives as long as the worker: out of the collector's sight, a full
+        # collection only walks what came after (a retired VM, say) and stays cheap.
+        gc.freeze()
         self.accepting = True
         pack_into("d", self.heartbeat, self.heartbeat_offset, time.monotonic())
         self.tell_master("ready")

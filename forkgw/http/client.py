@@ -10,6 +10,10 @@ ready; everything else happens here, in the order a request lives:
           -> body -> EndOfMessage -> done/log/delete, access log line
           -> keep-alive: next request (pipelined ones wait, h11 PAUSED)
 
+A filter that pauses for a callout holds the request (phase "paused": the
+client is not read) or the response (`held_response` queues what the peer
+sends meanwhile, and the peer is not read); the stream's `on_resume` goes on.
+
 Invariants: at most one request is in flight per connection (h11 pauses the
 rest); `out` holds bytes h11 produced that the kernel has not taken yet, and
 while it is above the high-water mark the source feeding it stops reading; a
