@@ -60,6 +60,20 @@ def call_headers(w: Wat, path_ptr: str, path_len: str) -> tuple[str, str]:
     return code, f"(i32.add (i32.const {len(head) + 1}) {path_len})"
 
 
+def configured_path() -> str:
+    """vm_target(), and on_configure keeps the plugin config (a callout path) per root;
+    contexts remember their root."""
+    root_path = slot(PATHS, "(local.get $root)", 15, 64)
+    return vm_target() + f"""
+  (func (export "proxy_on_configure") (param $root i32) (param i32) (result i32)
+    (if (i32.eqz (call $proxy_get_buffer_bytes (i32.const 7) (i32.const 0) (i32.const 63) {RET}))
+      (then (memory.copy {root_path} (i32.load (i32.const 16)) (i32.load (i32.const 20)))
+            (i32.store {slot(PATH_LEN, "(local.get $root)", 15)} (i32.load (i32.const 20)))))
+    (i32.const 1))
+  (func (export "proxy_on_context_create") (param $ctx i32) (param $parent i32)
+    (i32.store {slot(PARENTS, "(local.get $ctx)")} (local.get $parent)))"""
+
+
 def auth_module() -> bytes:
     """Each request: a callout to TARGET + the plugin config (a path); 2xx -> resume with x-auth, else 403.
 
@@ -70,14 +84,7 @@ def auth_module() -> bytes:
     root_path = slot(PATHS, "(local.get $root)", 15, 64)
     build, size = call_headers(w, root_path, "(local.get $plen)")
     local = pairs_bytes([(b"x-denied-by", b"auth")])
-    return w.build(vm_target() + f"""
-  (func (export "proxy_on_configure") (param $root i32) (param i32) (result i32)
-    (if (i32.eqz (call $proxy_get_buffer_bytes (i32.const 7) (i32.const 0) (i32.const 63) {RET}))
-      (then (memory.copy {root_path} (i32.load (i32.const 16)) (i32.load (i32.const 20)))
-            (i32.store {slot(PATH_LEN, "(local.get $root)", 15)} (i32.load (i32.const 20)))))
-    (i32.const 1))
-  (func (export "proxy_on_context_create") (param $ctx i32) (param $parent i32)
-    (i32.store {slot(PARENTS, "(local.get $ctx)")} (local.get $parent)))
+    return w.build(configured_path() + f"""
   (func (export "proxy_on_request_headers") (param $ctx i32) (param i32 i32) (result i32)
     (local $root i32) (local $plen i32) (local $status i32)
     (local.set $root (i32.load {slot(PARENTS, "(local.get $ctx)")}))

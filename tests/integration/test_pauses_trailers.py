@@ -22,27 +22,14 @@ from test_bodies_callouts import (
     TOKENS,
     build,
     call_headers,
+    configured_path,
     fetch,
     slot,
     start_auth,
-    vm_target,
 )
 from wasm.conftest import Wat
 
 # -- the filters -------------------------------------------------------------------------
-
-
-def configured_path(w: Wat) -> str:
-    """on_configure keeps the plugin config (a callout path) per root; contexts remember their root."""
-    root_path = slot(PATHS, "(local.get $root)", 15, 64)
-    return vm_target() + f"""
-  (func (export "proxy_on_configure") (param $root i32) (param i32) (result i32)
-    (if (i32.eqz (call $proxy_get_buffer_bytes (i32.const 7) (i32.const 0) (i32.const 63) {RET}))
-      (then (memory.copy {root_path} (i32.load (i32.const 16)) (i32.load (i32.const 20)))
-            (i32.store {slot(PATH_LEN, "(local.get $root)", 15)} (i32.load (i32.const 20)))))
-    (i32.const 1))
-  (func (export "proxy_on_context_create") (param $ctx i32) (param $parent i32)
-    (i32.store {slot(PARENTS, "(local.get $ctx)")} (local.get $parent)))"""
 
 
 def call_out(w: Wat, body: str = "(i32.const 0) (i32.const 0)") -> str:
@@ -74,7 +61,7 @@ def verdict_module() -> bytes:
     allowed = (f"(drop (call $proxy_add_header_map_value (i32.const 2) {w.s('x-verdict')}"
                " (i32.load (i32.const 16)) (i32.load (i32.const 20))))"
                " (drop (call $proxy_continue_stream (i32.const 1)))")
-    return w.build(configured_path(w) + f"""
+    return w.build(configured_path() + f"""
   (func (export "proxy_on_response_headers") (param $ctx i32) (param i32 i32) (result i32)
     {call_out(w)}
     (i32.const 1))
@@ -88,7 +75,7 @@ def check_module(btype: int) -> bytes:
     allowed = (f"(drop (call $proxy_set_buffer_bytes (i32.const {btype}) (i32.const -1) (i32.const 0) {w.s(' [checked]')}))"
                f" (drop (call $proxy_continue_stream (i32.const {btype})))")
     body = "(i32.load (i32.const 16)) (i32.load (i32.const 20))"
-    return w.build(configured_path(w) + f"""
+    return w.build(configured_path() + f"""
   (func (export "{export}") (param $ctx i32) (param $size i32) (param $eos i32) (result i32)
     (if (local.get $eos) (then
       (drop (call $proxy_get_buffer_bytes (i32.const {btype}) (i32.const 0) (local.get $size) {RET}))

@@ -103,6 +103,13 @@ def runtime(h, modules, loop: Loop, filters=None, **kw):
     return rt
 
 
+def marker(export: str, map_type: int) -> bytes:
+    """A filter that adds x-after: yes to `map_type` in its headers callback: shows the chain went on."""
+    w = Wat()
+    add = f"(drop (call $proxy_add_header_map_value (i32.const {map_type}) {w.s('x-after')} {w.s('yes')})) (i32.const 0)"
+    return w.build(f'  (func (export "{export}") (param i32 i32 i32) (result i32) {add})')
+
+
 class Resumed:
     def __init__(self, stream):
         self.calls = []
@@ -194,9 +201,7 @@ def test_without_a_dispatcher_http_call_answers_internal_failure(h):
 def test_continue_from_the_callback_resumes_with_the_rest_of_the_chain(h):
     loop = Loop()
     w = Wat()
-    after = Wat()
-    add = f"(drop (call $proxy_add_header_map_value (i32.const 0) {after.s('x-after')} {after.s('yes')})) (i32.const 0)"
-    later = after.build(f'  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) {add})')
+    later = marker("proxy_on_request_headers", 0)
     rt = runtime(h, {"auth": w.build(auth(w, continue_(w) + " " + f"(drop (call $proxy_add_header_map_value (i32.const 0) {w.s('x-auth')} {w.s('ok')}))")),
                      "after": later}, loop)
     stream, resumed = paused_stream(rt)
@@ -344,9 +349,7 @@ def on_response(w: Wat, then: str = "", pause: int = 1) -> str:
 def test_pause_in_response_headers_holds_the_head_until_continued(h):
     loop = Loop()
     w = Wat()
-    after = Wat()
-    mark = f"(drop (call $proxy_add_header_map_value (i32.const 2) {after.s('x-after')} {after.s('yes')})) (i32.const 0)"
-    later = after.build(f'  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) {mark})')
+    later = marker("proxy_on_response_headers", 2)
     edit = (f"(drop (call $proxy_replace_header_map_value (i32.const 2) {w.s(':status')} {w.s('203')}))"
             f" (drop (call $proxy_add_header_map_value (i32.const 2) {w.s('x-checked')} {w.s('by-callout')}))"
             f" (call $log_num {w.s('continue')} (call $proxy_continue_stream (i32.const 1)))")
