@@ -15,7 +15,7 @@ Why it is built this way:
 - A worker respawn would reset RSS and hide a leak, so the worker's pid is checked
   after every batch; a socket error or non-2xx answer invalidates the run too.
 - The AssemblyScript SDK leaks a little guest memory per request; forkgw renews
-  such a VM past `vm_recycle_memory` (default 1m).  `--recycle 0` turns that off
+  such a VM past `vm_recycle_memory` (default 512k).  `--recycle 0` turns that off
   to show the leak; the "VM recycled" notices in the error log are counted.
 - forkgw starts in its own session and its group is killed at the end, whatever
   happens.  Loopback only.
@@ -229,7 +229,7 @@ def main() -> int:
         if why:
             raise RuntimeError(f"/t is not the filtered answer: {why}")
         start_kb = rss_kb(worker)
-        print(f"forkgw worker {worker} on 127.0.0.1:{port}, vm_recycle_memory {args.recycle or '(default 1m)'}; "
+        print(f"forkgw worker {worker} on 127.0.0.1:{port}, vm_recycle_memory {args.recycle or '(default 512k)'}; "
               f"RSS at start {mb(start_kb):.1f} MB", file=sys.stderr)
 
         load = Load(port, args.connections, started + args.time_limit)
@@ -280,7 +280,7 @@ def main() -> int:
         verdict = lambda ok: "ok" if ok else "MISSED"  # noqa: E731
         print()
         print(f"{measured:,} requests after {warm:,} of warm-up, one worker, {elapsed:.0f}s, "
-              f"vm_recycle_memory {args.recycle or '(default 1m)'}")
+              f"vm_recycle_memory {args.recycle or '(default 512k)'}")
         print(f"RSS: start {mb(start_kb):.1f} MB, after warm-up {mb(base_kb):.1f} MB, "
               f"max {mb(max_kb):.1f} MB, final {mb(final_kb):.1f} MB")
         print(f"growth vs after warm-up: final {final_pct:+.1f}%, max {max_pct:+.1f}%")

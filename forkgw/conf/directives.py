@@ -147,12 +147,12 @@ DIRECTIVES: tuple[Directive, ...] = (
        "Largest linear memory one module instance may grow to.",
        "memory_max 16m;"),
     _d("vm_recycle_memory", [WASM], (1, 1), v.size_value, SET, "vm_recycle_memory",
-       "size | 0", "1m",
+       "size | 0", "512k",
        "A VM whose linear memory has grown by more than this since it booted is replaced by a "
        "fresh one between requests (its root contexts configured anew; shared data is kept), so "
        "a filter that leaks guest memory keeps the worker bounded instead of failing at "
-       "memory_max. The AssemblyScript SDK leaks about 34 bytes a request: with 1m its VM is "
-       "renewed about every 30,000 requests. Raise it for a filter that grows a cache of its "
+       "memory_max. The AssemblyScript SDK leaks about 34 bytes a request: with 512k its VM is "
+       "renewed about every 15,000 requests (a few milliseconds each). Raise it for a filter that grows a cache of its "
        "own on purpose; 0 turns it off.",
        "vm_recycle_memory 16m;"),
     _d("shm_kv", [WASM], (1, 2), v.shm_kv_value, SET, "shm_kv",

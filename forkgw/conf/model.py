@@ -138,7 +138,7 @@ class Wasm:
     modules: dict[str, WasmModule] = field(default_factory=dict)
     callback_timeout: float = 0.05  # seconds a single filter callback may run (epoch)
     memory_max: int = 64 * 1024 * 1024  # bytes of linear memory per module instance
-    vm_recycle_memory: int = 1024 * 1024  # replace a VM grown by more than this since its boot (0: never)
+    vm_recycle_memory: int = 512 * 1024  # replace a VM grown by more than this since its boot (0: never)
     shm_kv: tuple[int, str] = (8 * 1024 * 1024, "lru")  # (bytes, eviction) shared by all workers
     body_buffer_size: int = 1024 * 1024  # bytes of a body one filter may hold back while it pauses
     inspect_bodies: bool = False  # body callbacks also for filters that cannot change a body
