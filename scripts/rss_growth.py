@@ -203,7 +203,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=100_000, help="requests before the baseline RSS (default 100,000)")
     ap.add_argument("--connections", type=int, default=20, help="wrk -c (default 20)")
     ap.add_argument("--recycle", metavar="SIZE",
-                    help="vm_recycle_memory SIZE in the wasm block (default: unset, i.e. 1m)")
+                    help="vm_recycle_memory SIZE in the wasm block (default: unset, i.e. 512k)")
     ap.add_argument("--time-limit", type=float, default=900.0, help="give up after this many seconds (default 900)")
     ap.add_argument("--json", metavar="PATH", help="write the batches and the verdicts as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (conf, error log)")
