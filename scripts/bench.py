@@ -14,7 +14,8 @@ Why it is built this way:
 - wrk keeps every connection busy, so its p99 is a saturated server's queue.
   Latency is compared at EQUAL throughput too: `hey` sends a fixed rate (a
   share of forkgw's measured req/s, so that every server sustains it) to
-  forkgw and nginx in turn, and the p99 ratio is taken from those runs.
+  forkgw, nginx and the bare h11 loop in turn, and the p99 ratios are taken
+  from those runs.
 - Every server starts in its own session and is killed as a group at the end,
   whatever happens.
 
@@ -409,21 +410,22 @@ def run_hey(args, port: int, rate: float) -> dict:
     return result
 
 
-# forkgw mode -> the nginx mode its latency is compared with at equal throughput
-FIXED_RATE_PAIRS = {"forkgw-return": "nginx-return", "forkgw-proxy": "nginx-proxy"}
+# forkgw mode -> (the nginx mode its latency is held against, the bare h11 mode beside it)
+FIXED_RATE_GROUPS = {"forkgw-return": ("nginx-return", "h11-return"), "forkgw-proxy": ("nginx-proxy", "h11-proxy")}
 
 
 def fixed_rate_latency(args, lab, live: list[Mode], med: dict) -> dict:
-    """p99 of forkgw and nginx at the same fixed rate, interleaved over the rounds."""
+    """p50/p99 of forkgw, nginx and the bare h11 loop at one fixed rate, interleaved over the rounds."""
     names = {m.name for m in live}
     out = {}
-    for ours, theirs in FIXED_RATE_PAIRS.items():
-        if ours not in names or theirs not in names or not med[ours]["rps"]:
+    for ours, (nginx, bare) in FIXED_RATE_GROUPS.items():
+        if ours not in names or nginx not in names or not med[ours]["rps"]:
             continue
         rate = round(med[ours]["rps"] * args.fixed_rate_share, -2)
-        runs = {ours: [], theirs: []}
+        group = [ours, nginx] + ([bare] if bare in names else [])
+        runs = {name: [] for name in group}
         for _ in range(args.rounds):
-            for name in (ours, theirs):
+            for name in group:
                 time.sleep(1.0)
                 m = MODE[name]
                 r = run_hey(args, lab.servers[m.server].ports[m.port], rate)
@@ -431,19 +433,22 @@ def fixed_rate_latency(args, lab, live: list[Mode], med: dict) -> dict:
                 print(f"  fixed {rate:,.0f}/s {name:<20} {r['rps']:>10,.0f} req/s  p50 {fmt(r['p50_ms'], '.2f')} ms"
                       f"  p99 {fmt(r['p99_ms'], '.2f')} ms" + (f"  ERROR {r['error']}" if "error" in r else ""),
                       file=sys.stderr)
-        out[ours] = {"rate": rate, "versus": theirs, "runs": runs,
-                     "p99_ms": {n: median([r["p99_ms"] for r in rs if "error" not in r]) for n, rs in runs.items()},
-                     "p50_ms": {n: median([r["p50_ms"] for r in rs if "error" not in r]) for n, rs in runs.items()}}
+        out[ours] = {"rate": rate, "nginx": nginx, "bare": bare if bare in names else None, "runs": runs}
+        for key in ("p50_ms", "p99_ms"):
+            out[ours][key] = {n: median([r[key] for r in rs if "error" not in r]) for n, rs in runs.items()}
     return out
 
 
 def fixed_rate_ratios(fixed: dict) -> list[dict]:
     rows = []
     for ours, f in fixed.items():
-        x, y = f["p99_ms"][ours], f["p99_ms"][f["versus"]]
-        if x and y:
-            rows.append({"what": f"p99 {ours} / {f['versus']} at {f['rate']:,.0f} req/s each", "value": x / y,
-                         "unit": "x", "target": 2.0, "sense": "<=", "ok": x / y <= 2.0})
+        p99 = f["p99_ms"]
+        for other, target in ((f["nginx"], 2.0), (f["bare"], None)):
+            if other and p99[ours] and p99.get(other):
+                value = p99[ours] / p99[other]
+                rows.append({"what": f"p99 {ours} / {other} at {f['rate']:,.0f} req/s each", "value": value,
+                             "unit": "x", "target": target, "sense": "<=",
+                             "ok": None if target is None else value <= target})
     return rows
 
 
@@ -451,8 +456,8 @@ def print_fixed_rate(fixed: dict) -> None:
     if not fixed:
         return
     print("\nLatency at equal throughput (hey, fixed rate, median of rounds):")
-    for ours, f in fixed.items():
-        for name in (ours, f["versus"]):
+    for f in fixed.values():
+        for name in f["runs"]:
             print(f"  {name:<20} {f['rate']:>8,.0f} req/s  p50 {fmt(f['p50_ms'][name], '.2f')} ms"
                   f"  p99 {fmt(f['p99_ms'][name], '.2f')} ms")
 
@@ -734,8 +739,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of unrecorded load per mode first (default 1)")
     ap.add_argument("--modes", help="comma-separated subset, in this order")
     ap.add_argument("--gthread-threads", type=int, default=4, help="threads per gunicorn gthread worker (default 4)")
-    ap.add_argument("--fixed-rate-share", type=float, default=0.5,
-                    help="equal-throughput latency runs at this share of forkgw's req/s (0: skip; default 0.5)")
+    ap.add_argument("--fixed-rate-share", type=float, default=0.25,
+                    help="equal-throughput latency runs at this share of forkgw's req/s (0: skip; default 0.25)")
     ap.add_argument("--fixed-rate-connections", type=int, default=10, help="hey -c for those runs (default 10)")
     ap.add_argument("--json", metavar="PATH", help="write every run, medians, ratios and RSS as JSON")
     ap.add_argument("--profile", metavar="MODE", action="append", default=[],

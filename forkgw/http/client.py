@@ -35,6 +35,7 @@ from forkgw.http.messages import (
     error_page,
     reason,
     end_of_message,
+    header_list,
     server_header,
     split_pseudo,
 )
@@ -107,7 +108,7 @@ class RequestState:
             self.method = request.method.decode("latin-1")
             self.target = request.target.decode("latin-1")
             self.http_version = request.http_version.decode()
-            self.headers = request.headers
+            self.headers = header_list(request.headers)
         self.path, _, self.query = self.target.partition("?")
         self.start_time = time.time()
         self.connection_requests = conn.requests
@@ -305,7 +306,7 @@ class ClientConnection:
         host = b""
         length = None
         chunked = False
-        for name, value in request.headers:
+        for name, value in state.headers:
             if name == b"host":
                 host = value
             elif name == b"content-length":
@@ -331,7 +332,7 @@ class ClientConnection:
             self.keepalive = False
             self.respond_error(414)
             return
-        if self.last_read > size and headers_too_large(request.headers, number, size):
+        if self.last_read > size and headers_too_large(state.headers, number, size):
             # h11 bounds only heads that arrive in pieces; one that came whole is checked here.
             self.keepalive = False
             self.respond_error(431)
@@ -357,12 +358,12 @@ class ClientConnection:
             self.respond_error(413)
             return
         if not settings.filters:
-            self.dispatch(location, request, request.headers, host, has_body)
+            self.dispatch(location, request, state.headers, host, has_body)
             return
         pseudo = [(b":method", request.method), (b":path", request.target),
                   (b":authority", host), (b":scheme", b"http")]
         self.stream = worker.wasm_stream(settings.filters, self, state)
-        reply = self.stream.on_request_headers(pseudo + list(request.headers), not has_body)
+        reply = self.stream.on_request_headers(pseudo + state.headers, not has_body)
         if reply is PAUSED:
             self.wait_for_filters(lambda reply: self.request_headers_filtered(reply, location, request, has_body, host),
                                   self.settings.client_header_timeout)
@@ -427,7 +428,7 @@ class ClientConnection:
         `host`) gives back `request` itself: nothing to re-validate.
         """
         if not self.stream.wants_request_body and not self.stream.request_changed():
-            return request, request.headers, host
+            return request, self.state.headers, host
         method, target, host, headers = split_pseudo(self.stream.request_headers, request.method,
                                                      request.target)
         if target != request.target:

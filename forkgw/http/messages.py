@@ -87,6 +87,12 @@ def connection_tokens(headers) -> set[bytes]:
     return names
 
 
+def header_list(headers: h11._headers.Headers) -> list[tuple[bytes, bytes]]:
+    """h11's parsed fields as a plain list, in one pass: h11 hands each (name, value) out
+    through a Python-level __getitem__, which every later pass over them would pay again."""
+    return [(name, value) for _, name, value in headers._full_items]
+
+
 def end_to_end(headers) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers (those named by Connection included)."""
     listed = connection_tokens(headers)

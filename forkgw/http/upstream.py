@@ -24,7 +24,7 @@ import time
 import h11
 
 from forkgw.conf.model import Upstream, UpstreamServer
-from forkgw.http.messages import end_of_message, end_to_end
+from forkgw.http.messages import end_of_message, end_to_end, header_list
 
 READ_SIZE = 65536
 NON_IDEMPOTENT = frozenset({b"POST", b"LOCK", b"PATCH"})
@@ -478,7 +478,7 @@ class ProxyRequest:
         self.response_started = True
         self.balancer.succeeded(conn.peer)
         self.statuses.append(str(event.status_code))
-        headers = end_to_end(event.headers)
+        headers = end_to_end(header_list(event.headers))
         bodiless = self.request.method == b"HEAD" or event.status_code in (204, 304) or \
             (b"content-length", b"0") in headers
         self.client.send_response_head(event.status_code, headers, proxied=True, end_of_stream=bodiless)

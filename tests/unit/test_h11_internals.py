@@ -1,4 +1,4 @@
-"""The two h11 internals the gateway relies on: if an h11 release changes them, these fail first.
+"""The h11 internals the gateway relies on: if an h11 release changes them, these fail first.
 
 - `h11.Response(..., _parsed=True)` skips re-validating a head we built or h11
   parsed already (the hot path of every response);
@@ -11,7 +11,7 @@ from __future__ import annotations
 import h11
 import pytest
 
-from forkgw.http.messages import end_of_message, sends_chunked
+from forkgw.http.messages import end_of_message, header_list, sends_chunked
 
 
 def server_after(request_version: bytes, response_headers) -> h11.Connection:
@@ -44,3 +44,10 @@ def test_a_trusted_head_skips_validation():
     conn.next_event()
     data = conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK", _parsed=True))
     assert b"x-odd:  leading space\r\n" in data
+
+
+def test_parsed_fields_in_one_pass():
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\nX-Two: 2\r\nx-two: 3\r\n\r\n")
+    request = conn.next_event()
+    assert header_list(request.headers) == list(request.headers) == [(b"host", b"a"), (b"x-two", b"2"), (b"x-two", b"3")]
