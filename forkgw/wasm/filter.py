@@ -277,7 +277,7 @@ class Stream:
             arity = vm.arities.get(export)
             if arity is None:  # not exported
                 continue
-            args = (ctx.id, len(pairs), eos) if arity == 3 else (ctx.id, len(pairs), eos)[:arity]
+            args = (ctx.id, len(pairs), eos)[:arity]
             try:
                 action = vm.invoke(ctx, export, *args)
             except VMFailed:

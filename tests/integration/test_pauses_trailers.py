@@ -11,7 +11,9 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 
+from conftest import wait_for
 from test_bodies_callouts import (
     BUILD,
     PARENTS,
@@ -24,6 +26,7 @@ from test_bodies_callouts import (
     call_headers,
     configured_path,
     fetch,
+    guest,
     slot,
     start_auth,
 )
@@ -109,6 +112,7 @@ http {
     server { listen 127.0.0.1:{port};
         location /held/ { proxy_pass http://{backend}; proxy_wasm verdict /status/200; }
         location /held-ret { return 200 "held and released"; proxy_wasm verdict /status/204; }
+        location /held-slow/ { proxy_pass http://{backend}; proxy_wasm verdict /slow/0.6; }
         location /withheld/ { proxy_pass http://{backend}; proxy_wasm verdict /status/403; }
         location /upload/ { proxy_pass http://{backend}; proxy_wasm check_req /status/200; }
         location /upload-refused/ { proxy_pass http://{backend}; proxy_wasm check_req /status/403; }
@@ -191,6 +195,25 @@ def test_a_held_response_is_bounded_by_send_timeout(gateway, upstream, upstream2
     assert "filters did not resume the response in time" in gateway.log_text()
     status, _, body = fetch(gateway, "GET", "/held-ret")
     assert (status, body) == (200, b"held and released")
+
+
+def test_client_gone_while_the_response_is_held(gateway, upstream, upstream2):
+    """done/log/delete run for a request whose client left while its response head waited."""
+    start(gateway, upstream, upstream2, workers=1)
+    pids = sorted(gateway.worker_pids())
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", gateway.port))
+        s.sendall(b"GET /held-slow/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.2)  # the upstream answered; the head waits for the callout (0.6 s)
+        s.close()
+    contexts = {ctx for _, ctx in guest(gateway, "request_headers")}
+    wait_for(lambda: len(contexts) == 3 and contexts <= {ctx for _, ctx in guest(gateway, "delete")}, timeout=5)
+    time.sleep(0.8)  # the callouts' late answers only clean up
+    for kind in ("done", "log"):
+        assert contexts <= {ctx for _, ctx in guest(gateway, kind)}, kind
+    status, headers, _ = fetch(gateway, "GET", "/held/after")
+    assert status == 200 and headers["x-verdict"] == "200"
+    assert sorted(gateway.worker_pids()) == pids
 
 
 def test_end_of_request_body_is_held_for_a_callout_that_may_extend_it(gateway, upstream, upstream2):
