@@ -73,10 +73,6 @@ class CompiledModule:
         self.arities = {name: sig.index(":") for name, sig in exports.items()}  # export -> parameter count
         self.label = f'wasm "{conf.name}"'
 
-    def arity(self, export: str) -> int:
-        return self.exports[export].index(":")
-
-
 class Compiled:
     """Everything compile_modules() built; read-only after fork."""
 
@@ -329,7 +325,7 @@ class VM:
             self.invoke(None, "_initialize", what=f"{self.label} ({path})")
             main = next((name for name in ("main", "__main_void") if self.has(name)), None)
             if main is not None:
-                args = (0, 0)[: self.module.arity(main)]
+                args = (0, 0)[: self.arities[main]]
                 self.invoke(None, main, *args, what=f"{self.label} ({path})")
         elif self.has("_start"):
             self.invoke(None, "_start", what=f"{self.label} ({path})", exit_ok=True)
@@ -363,7 +359,7 @@ class VM:
         # 0.1.8 then aborts in proxy_on_configure, the Rust SDK sees None.
         self.host.buffers = {buffer_type: data} if data else {}
         try:
-            args = (root.id, size)[: self.module.arity(export)]
+            args = (root.id, size)[: self.arities[export]]
             return self.invoke(root, export, *args, what=what)
         finally:
             if self.host is not None:

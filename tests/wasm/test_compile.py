@@ -28,10 +28,10 @@ def test_a_good_module_compiles_and_records_its_abi(tmp_path):
     compiled, _ = compile_one(tmp_path, Wat().build())
     module = compiled.modules["auth"]
     assert module.abi == "0.2.1"
-    assert module.arity("proxy_on_request_headers") == 3
+    assert module.arities["proxy_on_request_headers"] == 3
     compiled, _ = compile_one(tmp_path, Wat(abi="0_1_0").build())
     assert compiled.modules["auth"].abi == "0.1.0"
-    assert compiled.modules["auth"].arity("proxy_on_request_headers") == 2
+    assert compiled.modules["auth"].arities["proxy_on_request_headers"] == 2
 
 
 def test_missing_file(tmp_path):
