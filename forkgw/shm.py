@@ -160,6 +160,14 @@ def _wrap64(value: int) -> int:
     return ((value + (1 << 63)) & U64) - (1 << 63)
 
 
+def _add_wrapping(q, index: int, n: int) -> None:
+    """q[index] += n in a signed 64-bit cell, wrapping as the C counters of other hosts do."""
+    try:
+        q[index] += n
+    except ValueError:
+        q[index] = _wrap64(q[index] + n)
+
+
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_:]")
 _LABEL_BAD = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -271,11 +279,7 @@ class Counter:
             raise ValueError("a counter never goes down")
         i = self._i
         if i:
-            q = self._q
-            try:
-                q[i] += n
-            except ValueError:
-                q[i] = _wrap64(q[i] + n)
+            _add_wrapping(self._q, i, n)
         else:
             self.store._locked_add(self._base, n)
 
@@ -308,10 +312,7 @@ class Gauge:
                 q[i] = n
                 q[self._e] = epoch
             else:
-                try:
-                    q[i] += n
-                except ValueError:
-                    q[i] = _wrap64(q[i] + n)
+                _add_wrapping(q, i, n)
         else:
             self.store._locked_add(self._base, n)
 
@@ -1121,13 +1122,9 @@ class ShmStore:
         return self._series_handle(HISTOGRAM, name, labels, tuple(buckets))
 
     def _locked_add(self, index: int, n: int) -> None:
-        Q = self._Q
         self._acquire()
         try:
-            try:
-                Q[index] += n
-            except ValueError:
-                Q[index] = _wrap64(Q[index] + n)
+            _add_wrapping(self._Q, index, n)
         finally:
             self._release()
 

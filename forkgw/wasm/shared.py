@@ -246,17 +246,15 @@ class ShmShared:
             return 0
 
     def increment_metric(self, metric_id: int, delta: int) -> Status:
-        try:
-            self.store.increment(metric_id & _U32, delta)
-        except shm.NotFound:
-            return Status.NOT_FOUND
-        except ValueError:
-            return Status.BAD_ARGUMENT
-        return Status.OK
+        return self._update_metric(self.store.increment, metric_id, delta)
 
     def record_metric(self, metric_id: int, value: int) -> Status:
+        return self._update_metric(self.store.record, metric_id, value)
+
+    @staticmethod
+    def _update_metric(update, metric_id: int, value: int) -> Status:
         try:
-            self.store.record(metric_id & _U32, value)
+            update(metric_id & _U32, value)
         except shm.NotFound:
             return Status.NOT_FOUND
         except ValueError:
