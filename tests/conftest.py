@@ -142,17 +142,29 @@ class Gateway:
     # -- talking to it ------------------------------------------------------------
 
     def request(self, method: str = "GET", path: str = "/", headers: dict | None = None,
-                body: bytes | None = None, port: int | None = None, timeout: float = 10.0):
+                body: bytes | None = None, port: int | None = None, timeout: float = 10.0, conn=None):
+        """(status, lower-cased headers, body); `conn`: a keep-alive connection to reuse, left open."""
         import http.client
 
-        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
+        own = conn is None
+        if own:
+            conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
             data = resp.read()
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
         finally:
-            conn.close()
+            if own:
+                conn.close()
+
+    def write_filters(self, **modules: bytes) -> Path:
+        """NAME.wasm files in the prefix's filters/ folder, for `module` lines: the folder."""
+        folder = self.prefix / "filters"
+        folder.mkdir(exist_ok=True)
+        for name, data in modules.items():
+            (folder / f"{name}.wasm").write_bytes(data)
+        return folder
 
     def raw(self, data: bytes, port: int | None = None, timeout: float = 5.0, shut: bool = False) -> bytes:
         """Send bytes, read until the server closes (or the timeout): for malformed input."""

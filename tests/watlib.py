@@ -29,3 +29,32 @@ ITOA = r"""  (func $itoa (param $n i32) (param $out i32) (result i32)
       (br_if $write (local.get $i)))
     (local.get $len))
 """
+
+
+class Constants:
+    """String constants a WAT module places in its memory: `s()` gives '(i32.const ptr) (i32.const len)'."""
+
+    def __init__(self):
+        self.data: list[tuple[int, bytes]] = []
+        self.next = 0x1000
+
+    def place(self, value: str | bytes) -> tuple[int, int]:
+        """(address, length) of a constant placed in memory."""
+        data = value.encode() if isinstance(value, str) else value
+        addr = self.next
+        self.data.append((addr, data))
+        self.next += (len(data) + 8) & ~7
+        return addr, len(data)
+
+    def s(self, value: str | bytes) -> str:
+        """'(i32.const ptr) (i32.const len)' of a constant placed in memory."""
+        addr, size = self.place(value)
+        return f"(i32.const {addr}) (i32.const {size})"
+
+    def segments(self) -> list[str]:
+        """The data segments that put the constants in memory."""
+        return [f'  (data (i32.const {addr}) "{wat_bytes(data)}")' for addr, data in self.data]
+
+
+def wat_bytes(data: bytes) -> str:
+    return "".join(f"\\{b:02x}" for b in data)

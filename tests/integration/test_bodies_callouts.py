@@ -175,11 +175,7 @@ def ticker_module(period_ms: int) -> bytes:
 
 
 def build(gateway, **modules: bytes) -> str:
-    out = gateway.prefix / "filters"
-    out.mkdir(exist_ok=True)
-    for name, data in modules.items():
-        (out / f"{name}.wasm").write_bytes(data)
-    return str(out)
+    return str(gateway.write_filters(**modules))
 
 
 def guest(gateway, what: str, sep: str = "=") -> list[tuple[int, str]]:
@@ -190,17 +186,7 @@ def guest(gateway, what: str, sep: str = "=") -> list[tuple[int, str]]:
 
 def fetch(gateway, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
           conn: http.client.HTTPConnection | None = None, port: int | None = None):
-    own = conn is None
-    if own:
-        conn = http.client.HTTPConnection("127.0.0.1", port or gateway.port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        data = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-    finally:
-        if own:
-            conn.close()
+    return gateway.request(method, path, headers=headers, body=body, port=port, conn=conn)
 
 
 AUTH_CONF = """

@@ -21,7 +21,7 @@ import pytest
 import wasmtime
 
 from conftest import ROOT, wait_for
-from watlib import ITOA
+from watlib import ITOA, Constants
 from test_abuse import (
     Recorder,
     baseline,
@@ -440,23 +440,8 @@ def test_a_new_connection_is_served_by_a_retiring_worker(gateway):
 # -- filters that misbehave ------------------------------------------------------------------
 
 
-class Module:
+class Module(Constants):
     """A small WAT filter: `s()` places constants, `build()` wraps the body with the ABI basics."""
-
-    def __init__(self):
-        self.data: list[tuple[int, bytes]] = []
-        self.next = 0x1000
-
-    def place(self, value: bytes | str) -> tuple[int, int]:
-        data = value.encode() if isinstance(value, str) else value
-        addr = self.next
-        self.data.append((addr, data))
-        self.next += (len(data) + 8) & ~7
-        return addr, len(data)
-
-    def s(self, value: bytes | str) -> str:
-        addr, size = self.place(value)
-        return f"(i32.const {addr}) (i32.const {size})"
 
     def build(self, imports: str, body: str, allocator: str | None = None) -> bytes:
         allocator = allocator or """
@@ -465,7 +450,7 @@ class Module:
     (local.set $ptr (global.get $heap))
     (global.set $heap (i32.and (i32.add (i32.add (local.get $ptr) (local.get $size)) (i32.const 7)) (i32.const -8)))
     (local.get $ptr))"""
-        segments = "\n".join(f'  (data (i32.const {a}) "{wat_bytes(d)}")' for a, d in self.data)
+        segments = "\n".join(self.segments())
         return wasmtime.wat2wasm(f"""(module
 {imports}
   (memory (export "memory") 2)
@@ -484,10 +469,6 @@ class Module:
 {body}
 {segments}
 )""")
-
-
-def wat_bytes(data: bytes) -> str:
-    return "".join("\\%02x" % b for b in data)
 
 
 ADD = '(import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))'
@@ -689,12 +670,8 @@ http {
 
 
 def start_filtered(gateway, modules: dict[str, bytes], locations: str, **kw) -> int:
-    folder = gateway.prefix / "filters"
-    folder.mkdir(exist_ok=True)
-    lines = []
-    for name, data in modules.items():
-        (folder / f"{name}.wasm").write_bytes(data)
-        lines.append(f"module {name} {folder / name}.wasm;")
+    folder = gateway.write_filters(**modules)
+    lines = [f"module {name} {folder / name}.wasm;" for name in modules]
     gateway.start(FILTERED.replace("MODULES", "\n    ".join(lines)).replace("LOCATIONS", locations), **kw)
     return gateway.worker_pids()[0]
 

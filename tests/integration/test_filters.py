@@ -26,11 +26,7 @@ FILTERS = Path(__file__).resolve().parent / "filters"
 
 
 def build_filters(gateway) -> Path:
-    out = gateway.prefix / "filters"
-    out.mkdir(exist_ok=True)
-    for wat in FILTERS.glob("*.wat"):
-        (out / f"{wat.stem}.wasm").write_bytes(wasmtime.wat2wasm(wat.read_text()))
-    return out
+    return gateway.write_filters(**{wat.stem: wasmtime.wat2wasm(wat.read_text()) for wat in FILTERS.glob("*.wat")})
 
 
 def start(gateway, conf: str, upstream=None, **kw):

@@ -177,12 +177,8 @@ def metric_module() -> bytes:
 
 
 def start(gateway, locations: str, **modules: bytes):
-    out = gateway.prefix / "filters"
-    out.mkdir(exist_ok=True)
-    lines = []
-    for name, data in modules.items():
-        (out / f"{name}.wasm").write_bytes(data)
-        lines.append(f"    module {name} {out}/{name}.wasm;")
+    out = gateway.write_filters(**modules)
+    lines = [f"    module {name} {out}/{name}.wasm;" for name in modules]
     gateway.start("wasm {\n" + "\n".join(lines) + "\n}\n" + """
 http {
     log_format pids '$pid $status $request_uri';

@@ -23,7 +23,7 @@ import wasmtime
 from forkgw.conf.model import FilterRef, Wasm, WasmModule
 from forkgw.log import ErrorLog
 from forkgw.wasm import Runtime, StreamInfo, compile_modules
-from watlib import BUMP_ALLOCATOR, ITOA
+from watlib import BUMP_ALLOCATOR, ITOA, Constants
 
 ENV_IMPORTS = {
     "proxy_log": "(param i32 i32 i32) (result i32)",
@@ -120,26 +120,12 @@ DEFAULT_CALLBACKS = [
 ]
 
 
-class Wat:
+class Wat(Constants):
     """A test filter in WAT: `s()` places string constants, `build()` assembles the module."""
 
     def __init__(self, abi: str = "0_2_1"):
+        super().__init__()
         self.abi = abi
-        self.data: list[tuple[int, bytes]] = []
-        self.next = 0x1000
-
-    def place(self, value: str | bytes) -> tuple[int, int]:
-        """(address, length) of a constant placed in memory."""
-        data = value.encode() if isinstance(value, str) else value
-        addr = self.next
-        self.data.append((addr, data))
-        self.next += (len(data) + 8) & ~7
-        return addr, len(data)
-
-    def s(self, value: str | bytes) -> str:
-        """'(i32.const ptr) (i32.const len)' of a constant placed in memory."""
-        addr, size = self.place(value)
-        return f"(i32.const {addr}) (i32.const {size})"
 
     def text(self, body: str = "", defaults: bool = True, imports: str | None = None, prelude: bool = True) -> str:
         parts = ["(module"]
@@ -167,17 +153,12 @@ class Wat:
                     f" (call $log_num {self.s(short)} (local.get 0)){value})"
                 )
         parts.append(body)
-        for addr, data in self.data:
-            parts.append(f"  (data (i32.const {addr}) \"{wat_bytes(data)}\")")
+        parts.extend(self.segments())
         parts.append(")")
         return "\n".join(parts)
 
     def build(self, body: str = "", **kw) -> bytes:
         return wasmtime.wat2wasm(self.text(body, **kw))
-
-
-def wat_bytes(data: bytes) -> str:
-    return "".join(f"\\{b:02x}" for b in data)
 
 
 def pairs_bytes(pairs: list[tuple[bytes, bytes]]) -> bytes:
