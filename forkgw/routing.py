@@ -2,8 +2,12 @@
 
 The Router is built from the parsed Http when a generation starts and is
 read-only afterwards.  Per request it does dictionary look-ups, a scan of
-prefixes pre-sorted longest first, and compiled regexes; nothing here does I/O
-or allocates much beyond the strings it returns.
+prefixes pre-sorted longest first, and regexes; nothing here does I/O or
+allocates much beyond the strings it returns.
+
+Regexes are matched with the patterns the conf parser compiled and keeps in the
+model (Location.regex, Server.name_regexes); this module compiles none, so a
+regex is checked and compiled in one place, with its file:line at hand.
 """
 
 from __future__ import annotations
@@ -11,15 +15,6 @@ from __future__ import annotations
 import re
 
 from forkgw.conf.model import Http, Location, ProxyPass, Server
-
-_NAMED_GROUP = re.compile(r"\(\?<(?=[A-Za-z_])|\(\?'([A-Za-z_]\w*)'")
-
-
-def compile_pcre(pattern: str, ignore_case: bool) -> re.Pattern[str]:
-    """Compile an nginx (PCRE) regex; PCRE's `(?<name>` and `(?'name'` groups become Python's."""
-    pattern = _NAMED_GROUP.sub(lambda m: f"(?P<{m.group(1)}>" if m.group(1) else "(?P<", pattern)
-    return re.compile(pattern, re.IGNORECASE if ignore_case else 0)
-
 
 # -- request targets --------------------------------------------------------
 
@@ -110,9 +105,10 @@ class _Level:
                 self.exact.setdefault(child.pattern, child)
             elif child.modifier in ("", "^~"):
                 prefixes.append((child.pattern, _Level(child, child.locations)))
+            elif child.regex is not None:
+                self.regexes.append((child.regex, _Level(child, child.locations)))
             else:
-                regex = compile_pcre(child.pattern, ignore_case=child.modifier == "~*")
-                self.regexes.append((regex, _Level(child, child.locations)))
+                raise ValueError(f'regex location "{child.pattern}" was not compiled by the conf parser')
         prefixes.sort(key=lambda item: len(item[0]), reverse=True)  # stable: conf order among equals
         self.prefixes = prefixes
 
@@ -154,7 +150,7 @@ class _Names:
         for server in servers:
             for name in server.names:
                 if name.startswith("~"):
-                    self.regexes.append((compile_pcre(name[1:], ignore_case=False), server))
+                    self.regexes.append((server.name_regexes[name], server))
                 elif name.startswith("*."):
                     self.leading.setdefault(name[2:], server)
                 elif name.endswith(".*"):

@@ -4,10 +4,15 @@ The parser resolves nginx's inheritance (http -> server -> location) before it
 hands a Config out: every Location carries the *effective* value of each
 inheritable directive in its `settings`, so the worker never walks parents on
 the hot path.  `where` fields keep "file:line" for error messages.
+
+Conf regexes (regex locations, `~` server names) are held compiled, next to
+their source text: the parser compiles them once to check them, and the Router
+matches with those same pattern objects.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -102,6 +107,7 @@ class Location:
     metrics: bool = False  # `forkgw_metrics`: answer with the Prometheus text
     locations: list["Location"] = field(default_factory=list)  # nested
     where: str = ""
+    regex: re.Pattern[str] | None = None  # `pattern` compiled, for "~" and "~*"; None otherwise
 
 
 @dataclass
@@ -112,6 +118,7 @@ class Server:
     settings: Settings  # server-level effective settings (used when no location matches)
     ret: tuple[int, str | None] | None = None  # server-level `return` answers everything
     where: str = ""
+    name_regexes: dict[str, re.Pattern[str]] = field(default_factory=dict)  # "~regex" in names -> compiled
 
 
 @dataclass

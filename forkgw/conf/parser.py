@@ -294,10 +294,11 @@ class _Builder:
             listens.append(listen)
         if not listens:
             listens = [dataclasses.replace(self.default(_LISTEN), where=block.where)]
-        names = [name for names, _ in block.items("names") for name in names] or self.default(_SERVER_NAME)
+        named = [pair for pairs, _ in block.items("names") for pair in pairs] or self.default(_SERVER_NAME)
         return Server(
             listens=listens,
-            names=names,
+            names=[name for name, _ in named],
+            name_regexes={name: regex for name, regex in named if regex is not None},
             locations=self.build_locations(block, settings, None),
             settings=settings,
             ret=block.first("ret"),
@@ -308,7 +309,7 @@ class _Builder:
         locations: list[Location] = []
         seen: set[tuple[bool, str]] = set()
         for child, where in block.items("locations"):
-            modifier, pattern = child.value
+            modifier, pattern, compiled = child.value
             regex = modifier in ("~", "~*")
             if parent is not None:
                 self.check_nesting(modifier, pattern, parent, where)
@@ -322,7 +323,7 @@ class _Builder:
             if proxy_pass is not None:
                 self.check_proxy_pass(proxy_pass, regex, child.entries["proxy_pass"][0][1])
             location = Location(modifier=modifier, pattern=pattern, settings=settings, ret=child.first("ret"),
-                                proxy_pass=proxy_pass, metrics=child.has("metrics"), where=where)
+                                proxy_pass=proxy_pass, metrics=child.has("metrics"), where=where, regex=compiled)
             location.locations = self.build_locations(child, settings, location)
             locations.append(location)
         return locations

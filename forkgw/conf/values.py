@@ -22,8 +22,8 @@ from typing import Any, NoReturn
 import yaml
 
 from forkgw.conf.model import AddHeader, Listen, ProxyPass, UpstreamServer, WasmModule
+from forkgw.conf.pcre import compile_pcre
 from forkgw.errors import ConfError
-from forkgw.routing import compile_pcre
 
 
 class Ctx:
@@ -461,21 +461,28 @@ def listen_value(args: list[str], ctx: Ctx) -> Listen:
     return listen
 
 
+def compiled_regex(pattern: str, ctx: Ctx, ignore_case: bool = False) -> re.Pattern[str]:
+    """A conf regex compiled for good: the model keeps it and the Router matches with it."""
+    try:
+        return compile_pcre(pattern, ignore_case)
+    except re.error as err:
+        ctx.fail(f'invalid regex "{pattern}" in "{ctx.name}" directive: {err}')
+
+
 _NAME_CHARS = re.compile(r"[^/\s]*")
 
 
-def server_name_value(args: list[str], ctx: Ctx) -> list[str]:
-    """Names lowercased; `.example.com` means `example.com` and `*.example.com`."""
-    names: list[str] = []
+def server_name_value(args: list[str], ctx: Ctx) -> list[tuple[str, re.Pattern[str] | None]]:
+    """(name, compiled regex or None) pairs; names lowercased but `~regex` ones.
+
+    `.example.com` means `example.com` and `*.example.com`.
+    """
+    names: list[tuple[str, re.Pattern[str] | None]] = []
     for name in args:
         if name.startswith("~"):
             if name == "~":
                 ctx.fail(f'server name "{name}" is invalid')
-            try:
-                compile_pcre(name[1:], ignore_case=False)
-            except re.error as err:
-                ctx.fail(f'invalid regex "{name[1:]}" in "{ctx.name}" directive: {err}')
-            names.append(name)
+            names.append((name, compiled_regex(name[1:], ctx)))
             continue
         name = name.lower()
         if not _NAME_CHARS.fullmatch(name) or name == ".":
@@ -484,17 +491,17 @@ def server_name_value(args: list[str], ctx: Ctx) -> list[str]:
         if stars > 1 or (stars and not (name.startswith("*.") or name.endswith(".*"))):
             ctx.fail(f'invalid server name or wildcard "{name}"')
         if name.startswith(".") and len(name) > 1:
-            names.extend([name[1:], "*" + name])
+            names.extend([(name[1:], None), ("*" + name, None)])
         else:
-            names.append(name)
+            names.append((name, None))
     return names
 
 
 LOCATION_MODIFIERS = ("=", "^~", "~*", "~")
 
 
-def location_value(args: list[str], ctx: Ctx) -> tuple[str, str]:
-    """`location [=|^~|~|~*] PATTERN` -> (modifier, pattern); regexes are compiled to check them."""
+def location_value(args: list[str], ctx: Ctx) -> tuple[str, str, re.Pattern[str] | None]:
+    """`location [=|^~|~|~*] PATTERN` -> (modifier, pattern, the regex compiled or None)."""
     if len(args) == 2:
         modifier, pattern = args
         if modifier not in LOCATION_MODIFIERS:
@@ -507,12 +514,8 @@ def location_value(args: list[str], ctx: Ctx) -> tuple[str, str]:
             ctx.fail(f'named location "{pattern}" is not supported')
     if not pattern:
         ctx.fail(f'invalid number of arguments in "{ctx.name}" directive')
-    if modifier in ("~", "~*"):
-        try:
-            compile_pcre(pattern, ignore_case=modifier == "~*")
-        except re.error as err:
-            ctx.fail(f'invalid regex "{pattern}" in "{ctx.name}" directive: {err}')
-    return (modifier, pattern)
+    regex = compiled_regex(pattern, ctx, ignore_case=modifier == "~*") if modifier in ("~", "~*") else None
+    return (modifier, pattern, regex)
 
 
 _REDIRECT_PREFIXES = ("http://", "https://", "$scheme")

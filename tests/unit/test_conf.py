@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +17,7 @@ from hypothesis import strategies as st
 from forkgw.conf import dump, load
 from forkgw.conf import directives as table
 from forkgw.conf.model import AddHeader, Config, Listen, Settings, Upstream, UpstreamServer, Wasm
+from forkgw.conf.pcre import compile_pcre
 from forkgw.conf.values import parse_size, parse_time
 from forkgw.errors import ConfError
 
@@ -341,6 +347,61 @@ def test_server_names(confdir):
     server = confdir.http('server { server_name Example.COM *.a.org www.b.* ~^w\\d+$ "" .c.net; }').servers[0]
     assert server.names == ["example.com", "*.a.org", "www.b.*", "~^w\\d+$", "", "c.net", "*.c.net"]
     assert confdir.http("server { }").servers[0].names == [""]
+
+
+# -- regexes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pcre, python",
+    [
+        (r"^/(?<id>\d+)$", r"^/(?P<id>\d+)$"),
+        (r"^/(?'id'\d+)$", r"^/(?P<id>\d+)$"),
+        (r"(?<a>x)(?<b_2>y)", r"(?P<a>x)(?P<b_2>y)"),
+        (r"(?<=/)x", r"(?<=/)x"),  # lookbehinds are not named groups
+        (r"(?<!/)x", r"(?<!/)x"),
+        (r"(?P<id>x)", r"(?P<id>x)"),  # Python's own spelling passes through
+    ],
+)
+def test_pcre_named_groups_become_python_ones(pcre, python):
+    assert compile_pcre(pcre, ignore_case=False).pattern == python
+
+
+def test_regexes_are_kept_compiled_in_the_model(confdir):
+    server = confdir.http(
+        "server {\n server_name ~^(?<sub>\\w+)\\.test$ plain.test;\n"
+        " location ~* \\.PNG$ { }\n location ~ ^/a { location ~ b$ { } }\n location / { }\n location = /x { }\n}"
+    ).servers[0]
+    assert server.name_regexes == {r"~^(?<sub>\w+)\.test$": re.compile(r"^(?P<sub>\w+)\.test$")}
+    png, a, prefix, exact = server.locations
+    assert png.regex == re.compile(r"\.PNG$", re.IGNORECASE)
+    assert a.regex == re.compile(r"^/a") and a.locations[0].regex == re.compile(r"b$")
+    assert prefix.regex is None and exact.regex is None
+
+
+CONF_ONLY = textwrap.dedent("""
+    import importlib, pkgutil, sys
+    import forkgw.conf
+    for module in pkgutil.iter_modules(forkgw.conf.__path__):
+        importlib.import_module("forkgw.conf." + module.name)
+    config = forkgw.conf.load(sys.argv[1])
+    assert config.http.servers[0].locations[0].regex is not None
+    print("\\n".join(sorted(name for name in sys.modules if name.startswith("forkgw"))))
+""")
+REQUEST_PATH = ("forkgw.routing", "forkgw.http", "forkgw.worker", "forkgw.wasm")
+
+
+def test_conf_imports_nothing_from_the_request_path(confdir):
+    """The conf layer is below the request path: loading a conf pulls in no routing, HTTP, worker or wasm code."""
+    confdir.write("http { server { server_name ~^w\\d+$; location ~ \\.php$ { } } }\n")
+    root = Path(__file__).resolve().parents[2]  # `python -c` puts the working folder first on sys.path
+    run = subprocess.run([sys.executable, "-c", CONF_ONLY, str(confdir.main)], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    loaded = run.stdout.split()
+    assert "forkgw.conf.parser" in loaded and "forkgw.conf.pcre" in loaded
+    leaked = [name for name in loaded if any(name == p or name.startswith(p + ".") for p in REQUEST_PATH)]
+    assert leaked == []
 
 
 def test_return_forms(confdir):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from forkgw.conf.model import Location, ProxyPass, Settings
+from forkgw.conf.model import Http, Listen, Location, ProxyPass, Server, Settings
 from forkgw.routing import Router, normalize_path, proxy_uri
 
 # -- locations ----------------------------------------------------------------
@@ -143,6 +145,67 @@ def test_server_selection(confdir, key, host, answer):
 def test_regex_server_name_with_pcre_named_group(confdir):
     http = confdir.http(r"server { server_name ~^(?<sub>\w+)\.example\.net$; return 200 named; }")
     assert Router(http).server_for(("0.0.0.0", 80), "shop.example.net").ret == (200, "named")
+
+
+# -- regexes: compiled by the conf, matched by the Router -----------------------
+
+REGEXES = r"""
+    server {
+        server_name ~^w\d+\.test$;
+        location ~ \.php$ { return 200 php; }
+        location / { location ~* ^/IMG/ { return 200 img; } }
+    }
+"""
+
+
+def test_each_conf_regex_is_compiled_once(confdir, monkeypatch):
+    compiled: list[str] = []
+    real_compile = re.compile
+
+    def counting_compile(pattern, flags=0):
+        compiled.append(pattern)
+        return real_compile(pattern, flags)
+
+    monkeypatch.setattr(re, "compile", counting_compile)
+    http = confdir.http(REGEXES)
+    router = Router(http)
+    server = router.server_for(("0.0.0.0", 80), "w7.test")
+    assert [router.location_for(server, path).ret[1] for path in ("/a.php", "/img/x")] == ["php", "img"]
+    for pattern in (r"^w\d+\.test$", r"\.php$", r"^/IMG/"):
+        assert compiled.count(pattern) == 1, pattern
+
+
+class Recording:
+    """Stands in for a compiled pattern and notes what the Router asked it."""
+
+    def __init__(self, regex: re.Pattern[str]):
+        self.regex, self.searched = regex, []
+
+    def search(self, text: str):
+        self.searched.append(text)
+        return self.regex.search(text)
+
+
+def test_router_matches_with_the_patterns_in_the_model(confdir):
+    http = confdir.http(REGEXES)
+    server = http.servers[0]
+    php, root = server.locations
+    img = root.locations[0]
+    name = Recording(server.name_regexes[r"~^w\d+\.test$"])
+    server.name_regexes[r"~^w\d+\.test$"] = name
+    php.regex, img.regex = Recording(php.regex), Recording(img.regex)
+    router = Router(http)
+    assert router.server_for(("0.0.0.0", 80), "w7.test") is server
+    assert router.location_for(server, "/img/a.php") is img
+    assert (name.searched, img.regex.searched, php.regex.searched) == (["w7.test"], ["/img/a.php"], [])
+
+
+def test_a_regex_location_without_its_compiled_pattern_is_refused():
+    """A Location built by hand must carry its regex: the Router does not compile."""
+    server = Server(listens=[Listen("0.0.0.0", 80)], names=[""], settings=Settings(),
+                    locations=[Location(modifier="~", pattern=r"\.php$", settings=Settings())])
+    with pytest.raises(ValueError, match="was not compiled"):
+        Router(Http(servers=[server], upstreams={}, log_formats={}))
 
 
 # -- request targets ----------------------------------------------------------
