@@ -233,7 +233,7 @@ def test_a_worker_killed_while_holding_the_lock_blocks_nobody(stores):
     r, w = os.pipe()
 
     def hold():
-        s._acquire()
+        s._journal.acquire()
         os.write(w, b"locked")
         time.sleep(60)
 
@@ -253,7 +253,8 @@ def test_a_worker_killed_while_holding_the_lock_blocks_nobody(stores):
 
 def die_at(s: ShmStore, point: int, counter: list) -> None:
     """In a child: SIGKILL itself before its point-th journaled word write or commit."""
-    w, commit = s._w, s._commit
+    journal = s._journal
+    w, commit = journal.w, journal.commit
 
     def tick():
         counter[0] += 1
@@ -272,11 +273,11 @@ def die_at(s: ShmStore, point: int, counter: list) -> None:
         tick()
         commit()
 
-    s._w, s._wm, s._commit = w_, wm_, commit_
+    journal.w, journal.wm, journal.commit = w_, wm_, commit_
 
 
 def queue_items(s: ShmStore, qid: int) -> list[bytes]:
-    W, q = s._W, s._qw + 8 * (qid - 1)
+    W, q = s._W, s._queues.qw + 8 * (qid - 1)
     out, b = [], W[q + shm.Q_HEAD]
     while b:
         out.append(bytes(s._mm[b + shm.BLOCK_HDR:b + shm.BLOCK_HDR + W[(b >> 2) + 2]]))
@@ -344,7 +345,7 @@ def test_a_worker_killed_at_any_write_leaves_the_store_as_before(name):
 def test_a_torn_in_place_write_is_undone():
     s, q = prepared()
     old = s.get("f", b"k1")
-    original = s._overwrite
+    original = s._journal.overwrite
 
     def torn(p, data):
         half = len(data) // 2
@@ -352,7 +353,7 @@ def test_a_torn_in_place_write_is_undone():
         os.kill(os.getpid(), signal.SIGKILL)
 
     def child():
-        s._overwrite = torn
+        s._journal.overwrite = torn
         s.set("f", b"k1", b"new value, same size".ljust(100, b"!"))
 
     status = wait(fork(child))
@@ -419,8 +420,8 @@ def test_an_enqueue_in_another_process_wakes_the_owner(stores):
 
     def producer():
         sent = []
-        notify = s._notify
-        s._notify = lambda pid: (sent.append(pid), notify(pid))
+        notify = s._queues.notify
+        s._queues.notify = lambda pid: (sent.append(pid), notify(pid))
         qid = s.resolve_queue("consumer", b"jobs")  # another VM's queue
         for n in range(3):
             s.enqueue(qid, b"job%d" % n)
@@ -513,7 +514,7 @@ def test_metrics_add_up_across_processes(stores):
         s.attach()
         counter = s.counter("forkgw_requests_total", {"status": "200"})
         ids = (s.define_metric(COUNTER, b"wasm.calls"), counter.id, s.define_metric(COUNTER, b"early"))
-        os.write(w, repr((ids, s._slot, n)).encode().ljust(64))
+        os.write(w, repr((ids, s._metrics.slot, n)).encode().ljust(64))
         hist = s.histogram("forkgw_request_seconds")
         gauge = s.gauge("forkgw_active_connections")
         for _ in range(1000):
@@ -542,7 +543,7 @@ def test_metrics_add_up_across_processes(stores):
     assert "wasm_calls 10000" in text
     # the master reaps them: their connections went with them, their counts stay
     for slot in range(1, 4):
-        s.detach(s._W[s._sw + slot])
+        s.detach(s._W[s._metrics.sw + slot])
     assert gauge.value() == sum(n + 1 for _, slot, n in reports if slot == 0)
     assert counter.value() == 5000 and s.stats()["slots_used"] == 0
     gauge.set(42)
@@ -573,7 +574,7 @@ def test_attach_reclaims_the_slots_of_dead_processes(stores):
     assert s.stats()["slots_used"] == 2  # two children held the slots, two used the shared one
     assert s.counter("c").value() == 4 and s.gauge("g").value() == 4
     s.attach()  # nobody detached them: attach finds them dead
-    assert s.stats()["slots_used"] == 1 and s._slot
+    assert s.stats()["slots_used"] == 1 and s._metrics.slot
     assert s.gauge("g").value() == 2 and s.counter("c").value() == 4
 
 
