@@ -82,6 +82,7 @@ import time
 from dataclasses import dataclass
 
 from .abi import BufferType
+from .host import BufferInput
 from .vm import HttpContext, Plugin, VMFailed
 
 
@@ -175,7 +176,7 @@ class Stream:
         self.log = log
         self.chain = chain  # (plugin, fail_closed)
         self.runtime = runtime
-        self.callouts = runtime.callouts if runtime is not None else None
+        self.http_calls = runtime.http_calls if runtime is not None else None
         self.contexts: list = [None] * len(chain)
         self.request_headers: list[tuple[bytes, bytes]] = []
         self.request_trailers: list[tuple[bytes, bytes]] = []
@@ -281,10 +282,7 @@ class Stream:
             try:
                 action = vm.invoke(ctx, export, *args)
             except VMFailed:
-                self.contexts[i] = _DEAD
-                if self.pending is not None:
-                    self.pending = None
-                    self.replied = False
+                self._failed(i)
                 if fail_closed:
                     return self._fail_reply()
                 continue
@@ -327,6 +325,13 @@ class Stream:
         self.contexts[i] = ctx
         return ctx
 
+    def _failed(self, i: int) -> None:
+        """Filter i's VM trapped: it is out of the stream, and a reply its call recorded is void."""
+        self.contexts[i] = _DEAD
+        if self.pending is not None:
+            self.pending = None
+            self.replied = False
+
     def _fail_reply(self) -> LocalReply:
         self.replied = True
         return LocalReply(500, [], b"")
@@ -349,8 +354,8 @@ class Stream:
 
     def _settled(self, result):
         """A phase's result, once what its callbacks set off has been delivered (see _settle)."""
-        callouts = self.callouts
-        if result is PAUSED or callouts is not None and (callouts.early or callouts.touched):
+        http_calls = self.http_calls
+        if result is PAUSED or http_calls is not None and (http_calls.early or http_calls.touched):
             return self._settle(result)
         return result
 
@@ -363,7 +368,7 @@ class Stream:
         """
         self.inline = True
         try:
-            self.callouts.settle(self)
+            self.http_calls.settle(self)
         finally:
             self.inline = False
         if reply is PAUSED:
@@ -477,57 +482,64 @@ class Stream:
             if buf is None:
                 buf = data
             elif len(buf) + len(data) > limit:
-                del body.held[i]
-                if phase == 0:
-                    self.log.error(f"*{self.info.connection_id} {plugin.label}: request body over body_buffer_size "
-                                   f"({limit} bytes) while the filter buffers it: answered 413")
-                    body.held.clear()
-                    self.replied = True
-                    return LocalReply(413, [(b"content-type", b"text/plain")], TOO_LARGE)
-                if not body.warned:
-                    body.warned = True
-                    self.log.warn(f"*{self.info.connection_id} {plugin.label}: response body over body_buffer_size "
-                                  f"({limit} bytes) while the filter buffers it: passed through unfiltered")
-                body.passing.add(i)
-                data = bytes(buf) + data
+                data = self._over_limit(phase, plugin, body, i, buf, data, limit)
+                if isinstance(data, LocalReply):
+                    return data
                 continue
             else:
                 buf += data
-            host = vm.host
-            buffers = host.buffers = {buffer_type: buf}
+            chunk = BufferInput(buffer_type, buf)
             try:
-                action = vm.invoke(ctx, export, ctx.id, len(buf), eos)
+                action = vm.invoke(ctx, export, ctx.id, len(buf), eos, input=chunk)
             except VMFailed:
-                self.contexts[i] = _DEAD
+                self._failed(i)
                 body.held.pop(i, None)
-                if self.pending is not None:
-                    self.pending = None
-                    self.replied = False
                 if fail_closed:
                     return self._fail_reply()
                 data = bytes(buf)
                 continue
-            finally:
-                host.buffers = {}
-            buf = buffers[buffer_type]  # the first edit of a chunk makes it a bytearray
-            if self.pending is not None:
-                reply, self.pending = self.pending, None
-                body.held.clear()
-                return reply
-            if action and (not end or ctx.calls):
-                # Held: the next chunk is appended, or (at the end) its callout's answer resumes it.
-                body.held[i] = buf if type(buf) is bytearray else bytearray(buf)
-                if not end:
-                    return b""
-                self._hold(i, export, end)
-                return PAUSED
-            if action:
-                self._paused(plugin, export + " at end of stream", action, "the body is complete")
-            body.held.pop(i, None)
-            data = buf if type(buf) is bytes else bytes(buf)
+            data = self._after_body_call(i, plugin, export, body, chunk.data, action, end, ctx.calls)
+            if type(data) is not bytes:  # the phase's answer: a LocalReply or PAUSED
+                return data
             if not data and not end:
                 return b""
         return data
+
+    def _over_limit(self, phase: int, plugin: Plugin, body: _Body, i: int, buf: bytearray, data: bytes,
+                    limit: int):
+        """Filter i's held body would pass body_buffer_size: a 413, or (response) it stops filtering."""
+        del body.held[i]
+        if phase == 0:
+            self.log.error(f"*{self.info.connection_id} {plugin.label}: request body over body_buffer_size "
+                           f"({limit} bytes) while the filter buffers it: answered 413")
+            body.held.clear()
+            self.replied = True
+            return LocalReply(413, [(b"content-type", b"text/plain")], TOO_LARGE)
+        if not body.warned:
+            body.warned = True
+            self.log.warn(f"*{self.info.connection_id} {plugin.label}: response body over body_buffer_size "
+                          f"({limit} bytes) while the filter buffers it: passed through unfiltered")
+        body.passing.add(i)
+        return bytes(buf) + data
+
+    def _after_body_call(self, i: int, plugin: Plugin, export: str, body: _Body, buf, action: int, end: bool,
+                         calls: int):
+        """What filter i's body callback leaves: bytes to go on with (b"" while it holds), or the phase's answer."""
+        if self.pending is not None:
+            reply, self.pending = self.pending, None
+            body.held.clear()
+            return reply
+        if action and (not end or calls):
+            # Held: the next chunk is appended, or (at the end) its callout's answer resumes it.
+            body.held[i] = buf if type(buf) is bytearray else bytearray(buf)
+            if not end:
+                return b""
+            self._hold(i, export, end)
+            return PAUSED
+        if action:
+            self._paused(plugin, export + " at end of stream", action, "the body is complete")
+        body.held.pop(i, None)
+        return buf if type(buf) is bytes else bytes(buf)
 
     # -- called by the host ---------------------------------------------------
 
@@ -544,13 +556,13 @@ class Stream:
             detail = f' ("{details.decode("utf-8", "replace")}")' if details else ""
             self.log.info(f"*{self.info.connection_id} {ctx.plugin.label}: local response {status}{detail}")
         if self.paused_at is not None:
-            self.callouts.touch(self)
+            self.http_calls.touch(self)
 
     def continue_stream(self, direction: int) -> None:
         """proxy_continue_stream(0 request, 1 response): resume a phase of that direction held by a pause."""
         if self.paused_at is not None and not self.finished and DIRECTION[self.paused_phase] == direction:
             self.resume_requested = True
-            self.callouts.touch(self)
+            self.http_calls.touch(self)
 
     def close(self, ctx) -> None:
         """proxy_close_stream: a 502 and the connection closed (see the module docstring)."""
@@ -583,6 +595,6 @@ class Stream:
             ctx.vm.contexts.pop(ctx.id, None)
         for ctx in live:
             ctx.plugin.state.recycle_if_grown()
-        callouts = self.callouts
-        if callouts is not None and (callouts.early or callouts.touched):
-            callouts.settle(self)
+        http_calls = self.http_calls
+        if http_calls is not None and (http_calls.early or http_calls.touched):
+            http_calls.settle(self)

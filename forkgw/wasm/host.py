@@ -14,6 +14,21 @@ Theory of operation:
   proxy_set_effective_context (`effective`); both are reset after every
   top-level callback.  Root contexts have no stream: header maps are then
   unavailable (BadArgument, as the spec says).
+- What a callback may read is pulled, never pushed: host functions ask one
+  object, `input` (a `CallbackInput`), for buffers, header maps and the
+  callout's status, so what a callback may read is decided where that
+  callback is made.  `VM.invoke(..., input=...)` sets it for that one
+  callback and puts `NO_INPUT` back after it (the stream's header maps, no
+  buffer): nothing stays readable past its callback.  A body callback reads
+  its chunk (`BufferInput`: bytes until proxy_set_buffer_bytes first edits
+  it, then a bytearray in its place, which the stream reads back);
+  proxy_on_vm_start / proxy_on_configure read the configuration;
+  proxy_on_http_call_response reads the callout's answer
+  (http_calls.HttpCallResponse).  The input belongs to the callback, not to
+  a context: buffers and the answer stay readable after
+  proxy_set_effective_context (the SDKs switch to the HTTP context before
+  handing the answer over), while maps 0-3 are those of the effective
+  context's stream.
 - A host function is `method(self, *args)`: every i32 argument arrives as a
   u32 int (i64 as a signed int), and guest memory is reached through
   `self.mem` (the `Guest`), which bounds-checks every guest pointer; out of
@@ -26,14 +41,9 @@ Theory of operation:
   answer OK on valid input; unsupported calls answer the "not available"
   status each SDK tolerates (grpc calls: InternalFailure; grpc stream ops:
   NotFound; foreign functions: NotFound).
-- Bodies and callouts: the stream puts the body buffer of the running body
-  callback in `buffers` (bytes until proxy_set_buffer_bytes first edits
-  it: then a bytearray in its place, which the stream reads back);
-  callouts.py puts the callout answer in `call` (maps 6/7,
-  proxy_get_status) and `buffers` (buffer 4) while
-  proxy_on_http_call_response runs.  Stream control (continue, close, a
-  local reply) only records what the filter asked: the stream acts on it
-  once the callback returned, never from inside the host call.
+- Stream control (continue, close, a local reply) only records what the
+  filter asked: the stream acts on it once the callback returned, never from
+  inside the host call.
 
 Shared data, queues and metrics use `LocalShared` or `ShmShared` (shared.py).
 """
@@ -72,6 +82,16 @@ OK = Status.OK
 NOT_FOUND = Status.NOT_FOUND
 BAD_ARGUMENT = Status.BAD_ARGUMENT
 INVALID_MEMORY_ACCESS = Status.INVALID_MEMORY_ACCESS
+
+# The map and buffer types hot host functions compare with, as plain ints:
+# reading an IntEnum member goes through the enum class (~0.1 µs each).
+REQUEST_HEADERS = int(MapType.REQUEST_HEADERS)
+REQUEST_TRAILERS = int(MapType.REQUEST_TRAILERS)
+RESPONSE_HEADERS = int(MapType.RESPONSE_HEADERS)
+RESPONSE_TRAILERS = int(MapType.RESPONSE_TRAILERS)
+LAST_BODY = int(BufferType.HTTP_RESPONSE_BODY)  # buffer types 0 and 1 are bodies, the only editable ones
+FIRST_CONFIGURATION = int(BufferType.VM_CONFIGURATION)  # 6-8 are read-only by type: BadArgument even when absent
+LAST_BUFFER = int(BufferType.CALL_DATA)
 
 # -- the import table --------------------------------------------------------
 # Signatures: params ":" results, i = i32, I = i64.
@@ -224,6 +244,68 @@ _FDSTAT_STDIO = struct.pack("<BxHxxxxQQ", 2, 0, 0xFFFFFFFFFFFFFFFF, 0)  # charac
 _MAX_OUTPUT_LINE = 4096
 
 
+class CallbackInput:
+    """What the running callback may read; this base: its stream's header maps, no buffer.
+
+    The caller of a callback that may read more passes a subclass to
+    VM.invoke; the host only ever asks, so one object answers for buffers,
+    maps and status alike (see the module docstring).
+    """
+
+    __slots__ = ()
+    status = 0  # proxy_get_status: the HTTP status of the callout being answered (0: none, or it failed)
+
+    def buffer(self, buffer_type: int):
+        """bytes or bytearray, or None: the buffer is not available in this callback."""
+        return None
+
+    def edit(self, buffer_type: int) -> bytearray | None:
+        """The buffer as a bytearray the host edits in place (None: not available)."""
+        return None
+
+    def header_map(self, map_type: int, ctx):
+        """The pairs list of map `map_type` (edited in place), or a status.
+
+        Maps 0-3 belong to the stream of `ctx`, the effective context: the
+        request map exists once the request is seen, the response map once
+        the response is (BadArgument before, as for a root context).
+        """
+        stream = ctx.stream if ctx is not None else None
+        if stream is None or map_type > RESPONSE_TRAILERS:
+            return BAD_ARGUMENT
+        if map_type == REQUEST_HEADERS:
+            return stream.request_headers if stream.request_seen else BAD_ARGUMENT
+        if map_type == RESPONSE_HEADERS:
+            return stream.response_map if stream.response_map is not None else BAD_ARGUMENT
+        if map_type == REQUEST_TRAILERS:
+            return stream.request_trailers
+        return stream.response_trailers
+
+
+NO_INPUT = CallbackInput()  # between callbacks, and for callbacks that read no buffer
+
+
+class BufferInput(CallbackInput):
+    """One buffer: a body chunk or the configuration (read-only: the host refuses edits of types past 1)."""
+
+    __slots__ = ("buffer_type", "data")
+
+    def __init__(self, buffer_type: int, data: bytes | bytearray):
+        self.buffer_type = buffer_type
+        self.data = data  # a bytes chunk stays bytes until its first edit: the caller reads `data` back
+
+    def buffer(self, buffer_type: int):
+        return self.data if buffer_type == self.buffer_type else None
+
+    def edit(self, buffer_type: int) -> bytearray | None:
+        if buffer_type != self.buffer_type:
+            return None
+        data = self.data
+        if type(data) is not bytearray:
+            data = self.data = bytearray(data)
+        return data
+
+
 class Host:
     """The import implementations for one VM instance."""
 
@@ -233,8 +315,7 @@ class Host:
         self.log = vm.log
         self.current = None  # context whose callback runs
         self.effective = None  # set by proxy_set_effective_context
-        self.buffers: dict = {}  # buffer type -> bytes or bytearray, while the callback that may read it runs
-        self.call = None  # callouts.CallResponse while proxy_on_http_call_response runs
+        self.input: CallbackInput = NO_INPUT  # what the running callback may read (VM.invoke sets it)
         self.output = {1: b"", 2: b""}  # partial stdout/stderr lines
         self.warned: set[str] = set()
         self.log_level = next(
@@ -332,29 +413,6 @@ class Host:
             name = "stdout" if fd == 1 else "stderr"
             self.guest_log(level, f"{name}: {line.decode('utf-8', 'replace')}")
 
-    def _map(self, map_type: int):
-        """The header map `map_type` of the current stream, or a status."""
-        ctx = self.ctx
-        stream = ctx.stream if ctx is not None else None
-        if stream is None or map_type > MapType.RESPONSE_TRAILERS:
-            call = self.call
-            if call is not None and map_type == MapType.HTTP_CALL_RESPONSE_HEADERS:
-                return call.headers
-            if call is not None and map_type == MapType.HTTP_CALL_RESPONSE_TRAILERS:
-                return call.trailers
-            return BAD_ARGUMENT
-        if map_type == MapType.REQUEST_HEADERS:
-            return stream.request_headers if stream.request_seen else BAD_ARGUMENT
-        if map_type == MapType.RESPONSE_HEADERS:
-            return stream.response_map if stream.response_map is not None else BAD_ARGUMENT
-        if map_type == MapType.REQUEST_TRAILERS:
-            return stream.request_trailers
-        return stream.response_trailers
-
-    def _buffer(self, buffer_type: int):
-        """bytes of an available buffer, or None (not available in this callback)."""
-        return self.buffers.get(buffer_type)
-
     # -- env: logging, time, contexts ----------------------------------------
 
     def proxy_log(self, level, ptr, size):
@@ -399,15 +457,16 @@ class Host:
 
     def proxy_get_configuration(self, ret_ptr, ret_size):
         """0.1.0: the VM config in on_vm_start, the plugin config in on_configure; OK and empty otherwise."""
-        data = self.buffers.get(BufferType.PLUGIN_CONFIGURATION)
+        source = self.input
+        data = source.buffer(BufferType.PLUGIN_CONFIGURATION)
         if data is None:
-            data = self.buffers.get(BufferType.VM_CONFIGURATION, b"")
+            data = source.buffer(BufferType.VM_CONFIGURATION) or b""
         return self.mem.give(data, ret_ptr, ret_size)
 
     def proxy_get_buffer_bytes(self, buffer_type, start, max_size, ret_ptr, ret_size):
-        if buffer_type > BufferType.CALL_DATA:
+        if buffer_type > LAST_BUFFER:
             return BAD_ARGUMENT
-        data = self._buffer(buffer_type)
+        data = self.input.buffer(buffer_type)
         if data is None:
             return NOT_FOUND
         if type(data) is bytearray:  # an edited body: slice a view, not a copy
@@ -415,9 +474,9 @@ class Host:
         return self.mem.give(data[start : start + max_size], ret_ptr, ret_size)
 
     def proxy_get_buffer_status(self, buffer_type, ret_length, ret_flags):
-        if buffer_type > BufferType.CALL_DATA:
+        if buffer_type > LAST_BUFFER:
             return BAD_ARGUMENT
-        data = self._buffer(buffer_type)
+        data = self.input.buffer(buffer_type)
         if data is None:
             return NOT_FOUND
         mem = self.mem
@@ -429,21 +488,18 @@ class Host:
 
     def proxy_set_buffer_bytes(self, buffer_type, start, size, data_ptr, data_size):
         """start 0 and size 0 prepend, start at or past the end appends, anything else replaces."""
-        if buffer_type > BufferType.CALL_DATA:
+        if buffer_type > LAST_BUFFER:
             return BAD_ARGUMENT
         data = self.mem.read(data_ptr, data_size)
         if data is None:
             return INVALID_MEMORY_ACCESS
-        buffers = self.buffers
-        buf = buffers.get(buffer_type)
-        if buf is None:
-            if buffer_type in (BufferType.VM_CONFIGURATION, BufferType.PLUGIN_CONFIGURATION, BufferType.CALL_DATA):
-                return BAD_ARGUMENT  # read-only
+        if buffer_type > LAST_BODY:  # never editable: BadArgument, or NotFound if absent
+            if buffer_type >= FIRST_CONFIGURATION or self.input.buffer(buffer_type) is not None:
+                return BAD_ARGUMENT
             return NOT_FOUND
-        if buffer_type > BufferType.HTTP_RESPONSE_BODY:
-            return BAD_ARGUMENT  # read-only: configuration, a callout's answer
-        if type(buf) is not bytearray:  # a chunk is bytes until its first edit; the stream reads it back
-            buf = buffers[buffer_type] = bytearray(buf)
+        buf = self.input.edit(buffer_type)  # a chunk is bytes until its first edit: then a bytearray in its place
+        if buf is None:
+            return NOT_FOUND
         length = len(buf)
         if start == 0 and size == 0:
             buf[0:0] = data
@@ -453,23 +509,23 @@ class Host:
             buf[start : min(start + size, length)] = data
         return OK
 
-    # -- env: header maps -----------------------------------------------------
+    # -- env: header maps (the running callback's input decides which exist) --
 
     def proxy_get_header_map_size(self, map_type, ret_size):
-        pairs = self._map(map_type)
+        pairs = self.input.header_map(map_type, self.effective or self.current)
         if isinstance(pairs, Status):
             return pairs
         ok = self.mem.write_u32(ret_size, pairs_size(pairs))
         return OK if ok else INVALID_MEMORY_ACCESS
 
     def proxy_get_header_map_pairs(self, map_type, ret_ptr, ret_size):
-        pairs = self._map(map_type)
+        pairs = self.input.header_map(map_type, self.effective or self.current)
         if isinstance(pairs, Status):
             return pairs
         return self.mem.give(encode_pairs(pairs), ret_ptr, ret_size)
 
     def proxy_set_header_map_pairs(self, map_type, ptr, size):
-        pairs = self._map(map_type)
+        pairs = self.input.header_map(map_type, self.effective or self.current)
         if isinstance(pairs, Status):
             return pairs
         data = self.mem.read(ptr, size)
@@ -482,7 +538,7 @@ class Host:
         return OK
 
     def proxy_get_header_map_value(self, map_type, key_ptr, key_size, ret_ptr, ret_size):
-        pairs = self._map(map_type)
+        pairs = self.input.header_map(map_type, self.effective or self.current)
         if isinstance(pairs, Status):
             return pairs
         key = self.mem.read(key_ptr, key_size)
@@ -507,7 +563,7 @@ class Host:
         return key.lower(), value
 
     def proxy_add_header_map_value(self, map_type, key_ptr, key_size, value_ptr, value_size):
-        pairs = self._map(map_type)
+        pairs = self.input.header_map(map_type, self.effective or self.current)
         if isinstance(pairs, Status):
             return pairs
         kv = self._key_value(key_ptr, key_size, value_ptr, value_size)
@@ -517,7 +573,7 @@ class Host:
         return OK
 
     def proxy_replace_header_map_value(self, map_type, key_ptr, key_size, value_ptr, value_size):
-        pairs = self._map(map_type)
+        pairs = self.input.header_map(map_type, self.effective or self.current)
         if isinstance(pairs, Status):
             return pairs
         kv = self._key_value(key_ptr, key_size, value_ptr, value_size)
@@ -533,7 +589,7 @@ class Host:
         return OK
 
     def proxy_remove_header_map_value(self, map_type, key_ptr, key_size):
-        pairs = self._map(map_type)
+        pairs = self.input.header_map(map_type, self.effective or self.current)
         if isinstance(pairs, Status):
             return pairs
         key = self.mem.read(key_ptr, key_size)
@@ -606,8 +662,7 @@ class Host:
     def proxy_get_status(self, ret_code, ret_ptr, ret_size):
         """The callout's HTTP status during proxy_on_http_call_response (0: it failed); else 0."""
         mem = self.mem
-        call = self.call
-        if not mem.write_u32(ret_code, call.status if call is not None else 0):
+        if not mem.write_u32(ret_code, self.input.status):
             return INVALID_MEMORY_ACCESS
         return mem.give(b"", ret_ptr, ret_size)
 
@@ -655,7 +710,7 @@ class Host:
             target = upstream.decode("ascii")
         except UnicodeDecodeError:
             return BAD_ARGUMENT
-        token = runtime.callouts.dispatch(ctx, target, headers, body, timeout_ms)
+        token = runtime.http_calls.dispatch(ctx, target, headers, body, timeout_ms)
         if isinstance(token, Status):
             if token == BAD_ARGUMENT and f"upstream {target}" not in self.warned:
                 self.warned.add(f"upstream {target}")

@@ -18,11 +18,14 @@ Theory of operation:
   proxy_on_queue_ready, wakes paused requests that wait for the loop, and
   returns the next monotonic deadline (or None).  A tick may dispatch
   callouts (their answers go to the root context).
-- HTTP callouts (callouts.py) go through `http_dispatcher(target, headers,
-  body, timeout_s, on_done) -> bool`, which the worker sets; without it
-  proxy_http_call answers InternalFailure.  `wakeup`, if the worker sets
-  it, is called when a paused request waits for the loop: the worker then
-  calls tick() soon (otherwise its next regular tick() does it).
+- The worker's collaborators come at construction, keyword arguments that
+  stay readable as attributes of the same names: `shared` (shared data,
+  queues, metrics; LocalShared() by default, ShmShared across workers),
+  `http_dispatcher(target, headers, body, timeout_s, on_done) -> bool`,
+  which runs HTTP callouts (http_calls.py) on the worker's loop (without it
+  proxy_http_call answers InternalFailure), and `wakeup()`, called when a
+  paused request waits for the loop: the worker then calls tick() soon
+  (without it, its next regular tick() does).
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ import ctypes
 import ctypes.util
 import gc
 import time
+from collections.abc import Callable
 
 from ..conf.model import FilterRef, Wasm
 from ..log import ErrorLog
-from .callouts import Callouts
 from .filter import ON_REQUEST_BODY, ON_RESPONSE_BODY, Stream, StreamInfo
+from .http_calls import HttpCalls
 from .shared import LocalShared
 from .vm import VM, Compiled, CompiledModule, Plugin, VMFailed, WasmBootError
 
@@ -152,18 +156,19 @@ class ModuleState:
 class Runtime:
     """Everything wasm in one worker process."""
 
-    def __init__(self, wasm: Wasm, compiled: Compiled, log: ErrorLog):
+    def __init__(self, wasm: Wasm, compiled: Compiled, log: ErrorLog, *, shared=None,
+                 http_dispatcher: Callable[..., bool] | None = None, wakeup: Callable[[], None] | None = None):
         self.wasm = wasm
         self.compiled = compiled
         self.log = log
-        self.shared = LocalShared()
+        self.shared = shared if shared is not None else LocalShared()
+        self.http_dispatcher = http_dispatcher  # runs a callout's exchange on the worker's loop
+        self.wakeup = wakeup  # "call tick() soon"
         self.states: dict[str, ModuleState] = {}
         self.plugins: dict[tuple, Plugin] = {}
         self.chains: dict[int, tuple] = {}
         self.started = False
-        self.http_dispatcher = None  # set by the worker: forkgw.http.callout.dispatch bound to it
-        self.wakeup = None  # set by the worker: "call tick() soon"
-        self.callouts = Callouts(self)
+        self.http_calls = HttpCalls(self)
 
     def _plugin(self, ref: FilterRef) -> Plugin:
         module = self.wasm.modules.get(ref.module)
@@ -276,9 +281,9 @@ class Runtime:
                 vm.invoke(owner, "proxy_on_queue_ready", owner.id, queue.id)
             except VMFailed:
                 pass
-        callouts = self.callouts
-        if callouts.early or callouts.touched or callouts.soon:
-            callouts.settle()
+        http_calls = self.http_calls
+        if http_calls.early or http_calls.touched or http_calls.soon:
+            http_calls.settle()
         deadlines = []
         for state in self.states.values():
             vm = state.vm

@@ -15,7 +15,9 @@ Theory of operation:
   then, per distinct plugin (module, root_id, config): proxy_on_context_create
   (R, 0), proxy_on_vm_start once per VM with the VM config, proxy_on_configure
   with the plugin config.  False or a trap -> WasmBootError.
-- Every call into the guest goes through `VM.invoke()`: an epoch deadline
+- Every call into the guest goes through `VM.invoke()`: the context it is a
+  callback of, what that callback may read (`input`, see host.py; the
+  configuration for proxy_on_vm_start / proxy_on_configure), an epoch deadline
   (callback_timeout; a longer BOOT_TIMEOUT while booting), traps caught
   (wasmtime traps, proc_exit, abort, the epoch interrupt, a failed memory
   grow under the store's memory cap).  On the first trap the VM is marked
@@ -40,7 +42,7 @@ from ..errors import ConfError
 from ..log import ErrorLog
 from .abi import ABI_MARKERS, BufferType
 from .guest import UNWIND, Guest, GuestAbort, GuestExit, new_guest, signature
-from .host import Host, resolve_import
+from .host import NO_INPUT, BufferInput, CallbackInput, Host, resolve_import
 
 BOOT_TIMEOUT = 10.0  # seconds _initialize/_start/on_vm_start/on_configure may run
 MAX_CONTEXT_ID = 0x7FFFFFFF  # ids go to wasm as i32 params
@@ -357,13 +359,9 @@ class VM:
     def _with_buffer(self, buffer_type: int, data: bytes, root: RootContext, export: str, size: int, what: str):
         # An empty configuration is no buffer at all (NotFound), as in Envoy: the AS SDK
         # 0.1.8 then aborts in proxy_on_configure, the Rust SDK sees None.
-        self.host.buffers = {buffer_type: data} if data else {}
-        try:
-            args = (root.id, size)[: self.arities[export]]
-            return self.invoke(root, export, *args, what=what)
-        finally:
-            if self.host is not None:
-                self.host.buffers = {}
+        config = BufferInput(buffer_type, data) if data else NO_INPUT
+        args = (root.id, size)[: self.arities[export]]
+        return self.invoke(root, export, *args, what=what, input=config)
 
     def new_id(self) -> int:
         context_id = self.next_id
@@ -399,13 +397,15 @@ class VM:
 
     # -- calls ----------------------------------------------------------------
 
-    def invoke(self, ctx, export: str, *args: int, what: str | None = None, exit_ok: bool = False):
-        """Call `export` as a callback of `ctx`; VMFailed (after logging) on any trap."""
+    def invoke(self, ctx, export: str, *args: int, what: str | None = None, exit_ok: bool = False,
+               input: CallbackInput = NO_INPUT):
+        """Call `export` as a callback of `ctx` that may read `input`; VMFailed (after logging) on any trap."""
         if self.failed:
             raise VMFailed(f"{self.label}: VM failed earlier")
         host = self.host
         host.current = ctx
         host.effective = None
+        host.input = input
         meter = ctx.plugin.meter if ctx is not None else None
         started = _clock() if meter is not None else 0
         try:
@@ -421,6 +421,7 @@ class VM:
             self._fail(ctx, export, err, what)
         finally:
             host.current = host.effective = None
+            host.input = NO_INPUT
             host.flush_output()
             if meter is not None:
                 meter.record_ns(export, _clock() - started)
@@ -484,5 +485,3 @@ class VM:
             guest.store = None
         self.guest = None
         self.store = None
-        if self.host is not None:
-            self.host.buffers = {}

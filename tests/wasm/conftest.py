@@ -192,6 +192,8 @@ class Harness:
         level: str = "info",
         vm_config: str = "",
         start: bool = True,
+        http_dispatcher=None,
+        wakeup=None,
         **kw,
     ) -> Runtime:
         modules = module if isinstance(module, dict) else {"f": module}
@@ -199,7 +201,8 @@ class Harness:
         for mod in conf.modules.values():
             mod.vm_config = vm_config
         compiled = compile_modules(conf)
-        runtime = Runtime(conf, compiled, ErrorLog(self.log_path, level))
+        runtime = Runtime(conf, compiled, ErrorLog(self.log_path, level), http_dispatcher=http_dispatcher,
+                          wakeup=wakeup)
         self.runtimes.append(runtime)
         runtime.filters = filters if filters is not None else [FilterRef(module=name) for name in modules]
         if start:

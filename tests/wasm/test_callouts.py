@@ -1,6 +1,6 @@
 """HTTP callouts, paused requests and ticks, in process: a real Runtime, a dispatcher standing in for the loop.
 
-`Loop.dispatcher` records each call the way forkgw/http/callout.py's dispatch
+`Loop.dispatcher` records each call the way forkgw/http/callout_transport.py's dispatch
 would start it; a test then answers it (`answer`), as the worker's loop does
 later, outside any guest call.
 """
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from forkgw.conf.model import FilterRef
-from forkgw.http.callout import CalloutResult
+from forkgw.http.callout_transport import CalloutResult
 from forkgw.wasm import PAUSED, LocalReply
 from forkgw.wasm.abi import Status
 
@@ -97,10 +97,7 @@ def reply(w: Wat, status=403, body="denied") -> str:
 
 
 def runtime(h, modules, loop: Loop, filters=None, **kw):
-    rt = h.runtime(modules, filters=filters, start=False, **kw)
-    rt.http_dispatcher = loop.dispatcher
-    rt.start(rt.filters)
-    return rt
+    return h.runtime(modules, filters=filters, http_dispatcher=loop.dispatcher, **kw)
 
 
 def marker(export: str, map_type: int) -> bytes:
@@ -170,18 +167,18 @@ def test_tokens_are_unique_and_skip_calls_in_flight(h):
     loop = Loop()
     w = Wat()
     rt = runtime(h, w.build(auth(w, continue_(w), pause=0)), loop)
-    callouts = rt.callouts
-    callouts.next_token = 0xFFFFFFFF
+    http_calls = rt.http_calls
+    http_calls.next_token = 0xFFFFFFFF
     streams = [rt.stream(rt.filters, info()) for _ in range(3)]
     for s in streams:
         assert s.on_request_headers(list(REQUEST), True) is None
-    assert sorted(callouts.inflight) == [1, 2, 0xFFFFFFFF]
+    assert sorted(http_calls.inflight) == [1, 2, 0xFFFFFFFF]
     loop.answer(1)  # token 1 is free again, 2 and 0xFFFFFFFF are not
-    callouts.next_token = 0xFFFFFFFF
+    http_calls.next_token = 0xFFFFFFFF
     s = rt.stream(rt.filters, info())
     s.on_request_headers(list(REQUEST), True)
-    assert sorted(callouts.inflight) == [1, 2, 0xFFFFFFFF]
-    assert callouts.next_token == 2
+    assert sorted(http_calls.inflight) == [1, 2, 0xFFFFFFFF]
+    assert http_calls.next_token == 2
     for stream in streams + [s]:
         stream.finish()
 
@@ -218,7 +215,51 @@ def test_continue_from_the_callback_resumes_with_the_rest_of_the_chain(h):
         assert item in lines, (item, lines)
     assert stream.on_response_headers(200, list(RESPONSE), False) is None
     stream.finish()
-    assert rt.callouts.inflight == {}
+    assert rt.http_calls.inflight == {}
+
+
+def test_the_answer_stays_readable_after_switching_to_the_http_context(h):
+    """What the callback may read is the callback's: the SDKs switch context before the filter reads the answer."""
+    loop = Loop()
+    w = Wat()
+    after = " ".join([
+        f"(call $log_num {w.s('again_header')} (call $proxy_get_header_map_value (i32.const 6) {w.s('x-auth')} {RET}))",
+        f"(call $log_ret {w.s('again_x-auth')})",
+        f"(call $log_num {w.s('again_body')} (call $proxy_get_buffer_bytes (i32.const 4) (i32.const 0) (i32.const 64) {RET}))",
+        f"(call $log_ret {w.s('again_body')})",
+        f"(drop (call $proxy_get_status (i32.const 24) {RET}))",
+        f"(call $log_num {w.s('again_status')} (i32.load (i32.const 24)))",
+        f"(call $log_num {w.s('path')} (call $proxy_get_header_map_value (i32.const 0) {w.s(':path')} {RET}))",
+        f"(call $log_ret {w.s('path')})",
+        f"(call $log_num {w.s('edit_answer')} (call $proxy_set_buffer_bytes (i32.const 4) (i32.const 0) (i32.const 0) {w.s('x')}))",
+        continue_(w),
+    ])
+    rt = runtime(h, w.build(auth(w, after)), loop)
+    stream, resumed = paused_stream(rt)
+    loop.answer()
+    assert resumed.calls == [None]
+    lines = h.guest_lines()
+    for item in ["effective=0", "again_header=0", "again_x-auth:yes", "again_body=0", "again_body:granted",
+                 "again_status=200", "path=0", "path:/a/b?x=1&y=2", "edit_answer=2", "continue=0"]:
+        assert item in lines, (item, lines)
+    stream.finish()
+    # and nothing of it outlives the callback: the next callback of the same context reads none of it
+    w2 = Wat()
+    probe = " ".join([
+        f"(call $log_num {w2.s('later_header')} (call $proxy_get_header_map_value (i32.const 6) {w2.s('x-auth')} {RET}))",
+        f"(call $log_num {w2.s('later_body')} (call $proxy_get_buffer_status (i32.const 4) (i32.const 24) (i32.const 28)))",
+        f"(drop (call $proxy_get_status (i32.const 24) {RET}))",
+        f"(call $log_num {w2.s('later_status')} (i32.load (i32.const 24)))",
+    ])
+    loop2 = Loop()
+    rt2 = runtime(h, w2.build(auth(w2, continue_(w2))
+                              + f'  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) {probe} (i32.const 0))'),
+                  loop2)
+    stream, resumed = paused_stream(rt2)
+    loop2.answer()
+    assert stream.on_response_headers(200, list(RESPONSE), False) is None
+    stream.finish()
+    assert {"later_header=2", "later_body=1", "later_status=0"} <= set(h.guest_lines())
 
 
 def test_local_response_from_the_callback(h):
@@ -316,7 +357,7 @@ def test_answer_after_the_stream_finished_only_cleans_up(h):
     assert "delete=2" in h.guest_lines()
     loop.answer()
     assert not any(x.startswith("answer") for x in h.guest_lines())
-    assert resumed.calls == [] and rt.callouts.inflight == {}
+    assert resumed.calls == [] and rt.http_calls.inflight == {}
     stream2, resumed2 = paused_stream(rt)  # later requests are fine
     loop.answer(1)
     assert resumed2.calls == [None]
@@ -518,7 +559,7 @@ def test_tick_resumes_a_paused_request_through_the_effective_context(h):
     assert "tick_effective=0" in h.guest_lines()
     stream.finish()
     loop.answer()  # the call's late answer only cleans up
-    assert rt.callouts.inflight == {}
+    assert rt.http_calls.inflight == {}
 
 
 def test_another_streams_phase_defers_a_resume_to_the_loop(h):
@@ -534,9 +575,8 @@ def test_another_streams_phase_defers_a_resume_to_the_loop(h):
   (func (export "proxy_on_log") (param $ctx i32)
     (if (i32.ne (local.get $ctx) (global.get $http)) (then
       (drop (call $proxy_set_effective_context (global.get $http))) {continue_(w)})))"""
-    rt = runtime(h, w.build(code), loop)
     wakeups = []
-    rt.wakeup = lambda: wakeups.append(1)
+    rt = runtime(h, w.build(code), loop, wakeup=lambda: wakeups.append(1))
     a, resumed = paused_stream(rt)
     b = rt.stream(rt.filters, info())
     assert b.on_request_headers(list(REQUEST), True) is None

@@ -213,6 +213,10 @@ def test_every_host_call_returns_a_status_and_the_vm_stays_usable(fuzz, index, a
     module, name, sig = FUNCS[index]
     answer, reply = run(fuzz, index, args, phase)
     log = fuzz.new_log()
+    if name == "proxy_log" and args[0] & 0xFFFFFFFF == 5 and answer == b"0":
+        # the filter itself logged at critical level: that one line is its own, not the host's
+        assert len(re.findall(r"\[crit\]", log)) == 1, f"{name}{tuple(args)}: {log[-2000:]}"
+        log = re.sub(r"[^\n]*\[crit\][^\n]*", "", log)
     assert not re.search(r"\[(crit|alert|emerg)\]", log), f"{name}{tuple(args)}: {log[-2000:]}"
     assert " failed: " not in log, f"{name}{tuple(args)} failed the VM: {log[-2000:]}"
     assert answer is not None, f"{name}{tuple(args)} in the {phase} phase: no answer (reply {reply})"

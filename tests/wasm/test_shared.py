@@ -1,7 +1,9 @@
 """The host functions over the shared-memory store (ShmShared), in forked workers.
 
-The Runtime builds its shared state from `runtime.LocalShared`; these tests
-swap in a ShmShared over one store made before the forks, as the master will.
+A worker hands its ShmShared to Runtime(shared=...); without one the Runtime
+builds `runtime.LocalShared`, which most of these tests swap for a ShmShared
+over one store made before the forks, so the cases written for the per-worker
+store run unchanged.
 """
 
 from __future__ import annotations
@@ -84,6 +86,28 @@ def test_filters_in_every_worker_count_exactly_with_cas(store, h):
     assert int.from_bytes(value, "little") == workers * requests
     assert store.get_metric(store.define_metric(MetricType.COUNTER, b"wasm.hits")) == workers * requests
     assert f"wasm_hits {workers * requests}\n" in store.render_prometheus()
+
+
+def test_the_shared_state_given_at_construction_is_the_one_filters_use(h):
+    """The worker hands its ShmShared to Runtime(shared=...): no per-worker default stands in for it."""
+    s = shm.ShmStore(size=1 << 20)
+    try:
+        w = Wat()
+        conf = h.wasm({"f": w.build(CAS_INCREMENT.format(key=w.s("hits"), metric=w.s("wasm.hits")))})
+        s.set("f", b"hits", (0).to_bytes(4, "little"))
+        shared = ShmShared(s)
+        runtime = Runtime(conf, compile_modules(conf), ErrorLog(h.log_path, "info"), shared=shared)
+        assert runtime.shared is shared
+        filters = [FilterRef(module="f")]
+        runtime.start(filters)
+        try:
+            for _ in range(3):
+                assert run_request(runtime, filters)[1] is None
+        finally:
+            runtime.close()
+        assert int.from_bytes(s.get("f", b"hits")[0], "little") == 3
+    finally:
+        s.close()
 
 
 def test_on_queue_ready_runs_in_the_worker_that_registered_the_queue(store, h):

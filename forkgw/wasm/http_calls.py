@@ -1,19 +1,22 @@
-"""HTTP callouts made by filters, and waking the requests they paused.
+"""proxy_http_call on the filter's side: tokens, answers, waking the requests they paused.
 
 Theory of operation:
-- proxy_http_call -> `Callouts.dispatch()`: a token unique in this worker (a
+- This is the ABI side of HTTP callouts; the exchange itself (connect, send,
+  read, time out) is the worker's transport, in forkgw/http/.
+- proxy_http_call -> `HttpCalls.dispatch()`: a token unique in this worker (a
   u32 counter that skips tokens still in flight: the Rust SDK panics on a
   duplicate, and never hands the token of an abandoned call out again before
-  the counter wraps), then the worker's dispatcher (`Runtime.http_dispatcher`,
-  forkgw/http/callout.py), which runs the exchange on the loop and reports
-  exactly once: a CalloutResult, or None on failure or timeout.
+  the counter wraps), then the worker's dispatcher (`Runtime.http_dispatcher`),
+  which runs the exchange on the loop and reports exactly once: a
+  CalloutResult, or None on failure or timeout.
 - The answer goes to proxy_on_http_call_response(root_id, token, headers,
   body size, trailers) on the ROOT context of the plugin that dispatched: the
   SDKs map the token back to their HTTP context and call
-  proxy_set_effective_context.  Map 6 (with `:status`), map 7 and buffer 4
-  hold the response during that callback only, and proxy_get_status gives
-  the status code; a failure or timeout gives counts 0, empty maps and
-  status 0.  A body its stream holds for the call is buffer 0 or 1 then.
+  proxy_set_effective_context.  That callback reads an `HttpCallResponse`
+  (host.CallbackInput): map 6 (with `:status`), map 7, buffer 4 and
+  proxy_get_status; a failure or timeout gives counts 0, empty maps and
+  status 0.  A body its stream holds for the call is buffer 0 or 1 then,
+  editable in place.
 - Never re-entrant: a guest is never entered from inside a host call.  The
   dispatcher can fail at once (a refused connect on loopback) while the guest
   is still inside proxy_http_call: that answer waits in `early` until control
@@ -26,21 +29,24 @@ Theory of operation:
   resumed, closed or answered through the effective context (`touched`), is
   woken (Stream.wake()).  A stream other than the one whose phase is running
   is woken from the loop instead (`soon`: the next Runtime.tick(), brought
-  forward by `Runtime.wakeup` when the worker sets it), so that no worker code
-  of one connection runs inside another's.
+  forward by `Runtime.wakeup` when the worker gave one), so that no worker
+  code of one connection runs inside another's.
 """
 
 from __future__ import annotations
 
 import traceback
 
-from .abi import U32, BufferType, Status
+from .abi import U32, BufferType, MapType, Status
+from .host import CallbackInput
 from .vm import VMFailed
 
 DEFAULT_TIMEOUT = 60.0  # seconds, for a call that gives timeout 0 (nginx's proxy_read_timeout)
 
 
-class Call:
+class HttpCall:
+    """One proxy_http_call until its answer is delivered (or only cleans up)."""
+
     __slots__ = ("token", "ctx", "result", "answered", "dispatching")
 
     def __init__(self, token: int, ctx):
@@ -51,12 +57,13 @@ class Call:
         self.dispatching = True  # the dispatcher has not returned yet: an answer now is "early"
 
 
-class CallResponse:
-    """What a filter reads during proxy_on_http_call_response."""
+class HttpCallResponse(CallbackInput):
+    """What proxy_on_http_call_response may read: the answer, and a body held for it."""
 
-    __slots__ = ("status", "headers", "body", "trailers")
+    __slots__ = ("status", "headers", "body", "trailers", "held")
 
-    def __init__(self, result):
+    def __init__(self, result, held=None):
+        self.held = held  # (buffer type, bytearray) of a body its stream holds for this call, or None
         if result is None:
             self.status, self.headers, self.body, self.trailers = 0, [], b"", []
             return
@@ -67,15 +74,31 @@ class CallResponse:
         self.body = bytes(result.body)
         self.trailers = [(name.lower(), value) for name, value in getattr(result, "trailers", None) or []]
 
+    def buffer(self, buffer_type: int):
+        if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY:
+            return self.body
+        return self.edit(buffer_type)
 
-class Callouts:
+    def edit(self, buffer_type: int) -> bytearray | None:
+        held = self.held  # a bytearray already: edited where the stream holds it
+        return held[1] if held is not None and buffer_type == held[0] else None
+
+    def header_map(self, map_type: int, ctx):
+        if map_type == MapType.HTTP_CALL_RESPONSE_HEADERS:
+            return self.headers
+        if map_type == MapType.HTTP_CALL_RESPONSE_TRAILERS:
+            return self.trailers
+        return CallbackInput.header_map(self, map_type, ctx)
+
+
+class HttpCalls:
     """The calls in flight in one worker, and the streams waiting to be woken."""
 
     def __init__(self, runtime):
         self.runtime = runtime
-        self.inflight: dict[int, Call] = {}
+        self.inflight: dict[int, HttpCall] = {}
         self.next_token = 1
-        self.early: list[Call] = []  # answered inside proxy_http_call, not delivered yet
+        self.early: list[HttpCall] = []  # answered inside proxy_http_call, not delivered yet
         self.touched: list = []  # streams a callback resumed, closed or answered
         self.soon: list = []  # streams to wake from the loop
 
@@ -91,7 +114,7 @@ class Callouts:
     def dispatch(self, ctx, target: str, headers, body: bytes, timeout_ms: int) -> int | Status:
         """Start a call for `ctx`: its token, or BadArgument (unknown target) / InternalFailure."""
         dispatcher = self.runtime.http_dispatcher
-        call = Call(self._token(), ctx)
+        call = HttpCall(self._token(), ctx)
         self.inflight[call.token] = call
         timeout = timeout_ms / 1000.0 if timeout_ms else DEFAULT_TIMEOUT
         try:
@@ -110,7 +133,7 @@ class Callouts:
             self.early.append(call)
         return call.token
 
-    def _answered(self, call: Call, result) -> None:
+    def _answered(self, call: HttpCall, result) -> None:
         if call.answered:
             return
         call.answered = True
@@ -146,7 +169,7 @@ class Callouts:
                 for stream in soon:
                     stream.wake()
 
-    def _deliver(self, call: Call) -> None:
+    def _deliver(self, call: HttpCall) -> None:
         self.inflight.pop(call.token, None)
         ctx = call.ctx
         stream = ctx.stream
@@ -159,21 +182,12 @@ class Callouts:
         vm = root.vm
         if vm.failed or vm.roots.get(root.plugin.key) is not root or not vm.has("proxy_on_http_call_response"):
             return
-        response = CallResponse(call.result)
-        host = vm.host
-        host.call = response
-        host.buffers = {BufferType.HTTP_CALL_RESPONSE_BODY: response.body}
-        held = stream.held_body() if stream is not None else None
-        if held is not None:  # a body waiting for this answer: readable and editable in place
-            host.buffers[held[0]] = held[1]
+        response = HttpCallResponse(call.result, stream.held_body() if stream is not None else None)
         try:
             vm.invoke(root, "proxy_on_http_call_response", root.id, call.token, len(response.headers),
-                      len(response.body), len(response.trailers))
+                      len(response.body), len(response.trailers), input=response)
         except VMFailed:  # logged already; the stream sees its filter dead when woken
             pass
-        finally:
-            host.call = None
-            host.buffers = {}
 
     def touch(self, stream) -> None:
         """A callback resumed, closed or answered `stream`: wake it at the next safe point."""
