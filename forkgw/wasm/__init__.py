@@ -5,11 +5,14 @@ Theory of operation (one module per job):
 - vm.py: `compile_modules()` in the master (serial compilation, every import
   checked -> ConfError); `VM` = one Store + instance per module per worker;
   boot, callbacks under an epoch deadline, traps contained.
-- host.py: the env/WASI imports, linked by the module's own import list;
-  what each callback may read (`CallbackInput`).
+- host.py: the env/WASI imports, linked by the module's own import list.
+- inputs.py: what each callback may read (`CallbackInput`).
 - guest.py: the wasm boundary (calls, memory reads/writes, allocation).
 - properties.py: proxy_get/set_property and the value encoding.
 - filter.py: `Stream`, one request through the filter chain.
+- bodies.py: a stream's body phases (held buffers, the bound, holds).
+- phases.py: the phase callbacks and what a phase answers (`LocalReply`,
+  `PAUSED`).
 - http_calls.py: proxy_http_call on the filter's side (tokens, answers,
   paused requests); the exchange itself is the worker's (forkgw/http/).
 - runtime.py: `Runtime`, the per-worker owner of VMs, rebuilds and ticks.

@@ -47,21 +47,11 @@ Theory of operation:
   for chains that need it (`wants_request_body`, `wants_response_body`,
   computed once per chain by Runtime._wants: every SDK exports every
   callback, so a module must also be able to change a body, or the conf
-  say `inspect_bodies on`).  Each filter that exports the callback has
-  its own buffer per phase, read and edited as BufferType 0 / 1 (prepend,
-  append, replace), with body_size = its size.  Continue passes the (edited)
-  buffer to the next filter and, after the last, back to the worker; Pause
-  (or StopIterationAndBuffer: anything non-zero) keeps it, the call returns
-  b"", and the next chunk is appended.  At end_of_stream everything goes on
-  (a Pause there with no callout in flight is logged once and treated as
-  Continue).
-- A paused body buffer is bounded by `wasm { body_buffer_size }`.  Past it,
-  a request body is answered 413; a response body passes through (its head
-  is on the wire already): what was buffered goes on unmodified, then the
-  rest, and that filter is not called again for this body.  Filters that
-  stream (Continue) are never limited.  A local response from a body
-  callback comes back as a LocalReply (for a response body the worker can
-  only cut the connection).
+  say `inspect_bodies on`).  A call answers the bytes to pass on now (b""
+  while a filter buffers), a LocalReply (for a response body the worker can
+  only cut the connection; a request body over `body_buffer_size` while a
+  filter buffers it is a 413), or, at the end of a body, PAUSED.  How the
+  filters buffer, edit and hold a body is the stream's `Bodies` (bodies.py).
 - Trailers (HTTP/1.1 chunked trailers): after the body's end_of_stream call,
   `on_request_trailers` / `on_response_trailers` run the chain over map 1 /
   map 3 and hand the (edited) trailers back to forward.
@@ -82,7 +72,18 @@ import time
 from dataclasses import dataclass
 
 from .abi import BufferType
-from .host import BufferInput
+from .bodies import Bodies
+from .phases import (
+    DIRECTION,
+    ON_REQUEST_BODY,
+    ON_REQUEST_HEADERS,
+    ON_REQUEST_TRAILERS,
+    ON_RESPONSE_BODY,
+    ON_RESPONSE_HEADERS,
+    ON_RESPONSE_TRAILERS,
+    PAUSED,
+    LocalReply,
+)
 from .vm import HttpContext, Plugin, VMFailed
 
 
@@ -98,33 +99,10 @@ class StreamInfo:
     response_code: int = 0  # the worker updates it once the status is known
 
 
-@dataclass
-class LocalReply:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-
 _DEAD = object()  # this filter is out of the stream (VM failed or unavailable)
 _UNDECIDED = object()  # a paused request's outcome, while not known
 
-# A phase's answer when a filter paused the stream for a callout: the worker waits,
-# and the stream calls `on_resume(the phase's result)` from the loop.
-PAUSED = object()
-
-ON_REQUEST_HEADERS = "proxy_on_request_headers"
-ON_RESPONSE_HEADERS = "proxy_on_response_headers"
-ON_REQUEST_BODY = "proxy_on_request_body"
-ON_RESPONSE_BODY = "proxy_on_response_body"
-ON_REQUEST_TRAILERS = "proxy_on_request_trailers"
-ON_RESPONSE_TRAILERS = "proxy_on_response_trailers"
-
-# The phases a callout can hold, and the direction proxy_continue_stream names to resume each.
-DIRECTION = {ON_REQUEST_HEADERS: 0, ON_REQUEST_BODY: 0, ON_RESPONSE_HEADERS: 1, ON_RESPONSE_BODY: 1}
-
 _END = ("proxy_on_done", "proxy_on_log", "proxy_on_delete")  # finish(), in this order
-
-TOO_LARGE = b"request body too large for the filters\n"
 
 
 def _pseudo_first(pairs: list[tuple[bytes, bytes]]) -> None:
@@ -137,17 +115,6 @@ def _pseudo_first(pairs: list[tuple[bytes, bytes]]) -> None:
             return
 
 
-class _Body:
-    """One body phase: what each filter holds back, and who no longer filters it."""
-
-    __slots__ = ("held", "passing", "warned")
-
-    def __init__(self):
-        self.held: dict[int, bytearray] = {}  # filter index -> its paused buffer
-        self.passing: set[int] = set()  # filters past body_buffer_size: the body goes by them
-        self.warned = False
-
-
 class Stream:
     """The filters' view of one request; the worker reads the maps back after each phase."""
 
@@ -158,7 +125,7 @@ class Stream:
     resume_requested = False
     inline = False  # woken inside on_request_headers: the outcome is returned, not sent to on_resume
     outcome = _UNDECIDED
-    bodies: tuple[_Body, _Body] | None = None
+    bodies: Bodies | None = None  # created by the first body chunk the filters get
     # Per-request state whose start value is immutable: class defaults too (set when it changes).
     request_seen = False
     response_map: list[tuple[bytes, bytes]] | None = None  # with :status, once known
@@ -299,6 +266,8 @@ class Stream:
                     self._paused(plugin, export, action, "trailers are never held")
         return None
 
+    # -- the chain's contexts and failures (bodies.py walks the chain with these too) --
+
     def _context(self, i: int, plugin: Plugin) -> HttpContext | None:
         ctx = self.contexts[i]
         if ctx is _DEAD:
@@ -386,7 +355,7 @@ class Stream:
         if self.paused_at is None or self.paused_phase not in (ON_REQUEST_BODY, ON_RESPONSE_BODY):
             return None
         phase = 0 if self.paused_phase == ON_REQUEST_BODY else 1
-        held = self.bodies[phase].held.get(self.paused_at)
+        held = self.bodies.held(phase, self.paused_at)
         return None if held is None else (BufferType(phase), held)
 
     def wake(self) -> None:
@@ -431,10 +400,7 @@ class Stream:
             if reply is not PAUSED:
                 self._read_back_response()
             return reply
-        phase = 0 if export == ON_REQUEST_BODY else 1
-        body = self.bodies[phase]
-        held = body.held.pop(i, b"")
-        return self._filter_body(phase, export, body, bytes(held), eos, i + 1)
+        return self.bodies.resume(0 if export == ON_REQUEST_BODY else 1, export, i, eos)
 
     def _complete(self, reply) -> None:
         """The paused phase has its result: tell the worker, or the phase still running."""
@@ -456,90 +422,9 @@ class Stream:
             return data
         bodies = self.bodies
         if bodies is None:
-            bodies = self.bodies = (_Body(), _Body())
-        out = self._settled(self._filter_body(phase, export, bodies[phase], data, end))
+            bodies = self.bodies = Bodies(self)
+        out = self._settled(bodies.filter(phase, export, data, end))
         return b"" if out is None else out
-
-    def _filter_body(self, phase: int, export: str, body: _Body, data: bytes, end: bool, start: int = 0):
-        buffer_type = BufferType.HTTP_REQUEST_BODY if phase == 0 else BufferType.HTTP_RESPONSE_BODY
-        limit = self.runtime.wasm.body_buffer_size if self.runtime is not None else 1 << 20
-        eos = 1 if end else 0
-        for i, (plugin, fail_closed) in enumerate(self.chain[start:] if start else self.chain, start):
-            if i in body.passing:
-                continue
-            ctx = self._context(i, plugin)
-            if ctx is None:
-                held = body.held.pop(i, None)
-                if fail_closed:
-                    return self._fail_reply()
-                if held:
-                    data = bytes(held) + data  # what it held goes on unfiltered
-                continue
-            vm = ctx.vm
-            if not vm.has(export):
-                continue
-            buf = body.held.get(i)  # a bytearray while it buffers; else this chunk, bytes until edited
-            if buf is None:
-                buf = data
-            elif len(buf) + len(data) > limit:
-                data = self._over_limit(phase, plugin, body, i, buf, data, limit)
-                if isinstance(data, LocalReply):
-                    return data
-                continue
-            else:
-                buf += data
-            chunk = BufferInput(buffer_type, buf)
-            try:
-                action = vm.invoke(ctx, export, ctx.id, len(buf), eos, input=chunk)
-            except VMFailed:
-                self._failed(i)
-                body.held.pop(i, None)
-                if fail_closed:
-                    return self._fail_reply()
-                data = bytes(buf)
-                continue
-            data = self._after_body_call(i, plugin, export, body, chunk.data, action, end, ctx.calls)
-            if type(data) is not bytes:  # the phase's answer: a LocalReply or PAUSED
-                return data
-            if not data and not end:
-                return b""
-        return data
-
-    def _over_limit(self, phase: int, plugin: Plugin, body: _Body, i: int, buf: bytearray, data: bytes,
-                    limit: int):
-        """Filter i's held body would pass body_buffer_size: a 413, or (response) it stops filtering."""
-        del body.held[i]
-        if phase == 0:
-            self.log.error(f"*{self.info.connection_id} {plugin.label}: request body over body_buffer_size "
-                           f"({limit} bytes) while the filter buffers it: answered 413")
-            body.held.clear()
-            self.replied = True
-            return LocalReply(413, [(b"content-type", b"text/plain")], TOO_LARGE)
-        if not body.warned:
-            body.warned = True
-            self.log.warn(f"*{self.info.connection_id} {plugin.label}: response body over body_buffer_size "
-                          f"({limit} bytes) while the filter buffers it: passed through unfiltered")
-        body.passing.add(i)
-        return bytes(buf) + data
-
-    def _after_body_call(self, i: int, plugin: Plugin, export: str, body: _Body, buf, action: int, end: bool,
-                         calls: int):
-        """What filter i's body callback leaves: bytes to go on with (b"" while it holds), or the phase's answer."""
-        if self.pending is not None:
-            reply, self.pending = self.pending, None
-            body.held.clear()
-            return reply
-        if action and (not end or calls):
-            # Held: the next chunk is appended, or (at the end) its callout's answer resumes it.
-            body.held[i] = buf if type(buf) is bytearray else bytearray(buf)
-            if not end:
-                return b""
-            self._hold(i, export, end)
-            return PAUSED
-        if action:
-            self._paused(plugin, export + " at end of stream", action, "the body is complete")
-        body.held.pop(i, None)
-        return buf if type(buf) is bytes else bytes(buf)
 
     # -- called by the host ---------------------------------------------------
 

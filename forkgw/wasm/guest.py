@@ -270,6 +270,14 @@ def _probe():
         from wasmtime import _bindings as ffi
     except ImportError as err:
         return None, f"wasmtime._bindings cannot be imported ({err})"
+    for check in (_lacks_names, _changed_c_types, _changed_wrappers):
+        reason = check(ffi)
+        if reason is not None:
+            return None, reason
+    return (ffi, _prototypes(ffi)), None
+
+
+def _lacks_names(ffi) -> str | None:
     names = (
         "dll wasmtime_val_raw wasm_trap_t wasmtime_error_t wasmtime_func_t wasmtime_memory_t wasmtime_context_t "
         "wasmtime_caller_t wasmtime_linker_t wasm_functype_t wasmtime_func_unchecked_callback_t "
@@ -277,12 +285,16 @@ def _probe():
         "_wasmtime_memory_data_size _wasmtime_context_set_epoch_deadline _wasmtime_trap_new"
     ).split()
     missing = [name for name in names if not hasattr(ffi, name)]
-    if missing:
-        return None, f"wasmtime._bindings lacks {', '.join(missing)}"
+    return f"wasmtime._bindings lacks {', '.join(missing)}" if missing else None
+
+
+def _c_signatures(ffi) -> dict:
+    """The C signatures as the generated bindings declare them (they follow wasmtime's C headers).
+
+    Our own prototypes call the same symbols with plain addresses: these must not have moved.
+    """
     P, c_size_t, c_char = ctypes.POINTER, ctypes.c_size_t, ctypes.c_char
-    # The C signatures as the generated bindings declare them (they follow wasmtime's C headers):
-    # our own prototypes below call the same symbols with plain addresses.
-    want = {
+    return {
         "_wasmtime_func_call_unchecked": (
             (P(ffi.wasmtime_context_t), P(ffi.wasmtime_func_t), P(ffi.wasmtime_val_raw), c_size_t,
              P(P(ffi.wasm_trap_t))), P(ffi.wasmtime_error_t)),
@@ -295,30 +307,44 @@ def _probe():
         "_wasmtime_context_set_epoch_deadline": ((P(ffi.wasmtime_context_t), ctypes.c_uint64), None),
         "_wasmtime_trap_new": ((P(c_char), c_size_t), P(ffi.wasm_trap_t)),
     }
-    for name, (argtypes, restype) in want.items():
+
+
+def _changed_c_types(ffi) -> str | None:
+    """A reason when a signature or struct we call with raw addresses changed: that would corrupt, not fail."""
+    for name, (argtypes, restype) in _c_signatures(ffi).items():
         fn = getattr(ffi, name)
         got = tuple(fn.argtypes or ())
         if got != argtypes or fn.restype is not restype:
-            return None, f"wasmtime._bindings.{name} changed its C signature"
+            return f"wasmtime._bindings.{name} changed its C signature"
+    P, c_size_t = ctypes.POINTER, ctypes.c_size_t
     cb = ffi.wasmtime_func_unchecked_callback_t
     if cb._restype_ is not c_size_t or tuple(cb._argtypes_) != (
         ctypes.c_void_p, P(ffi.wasmtime_caller_t), P(ffi.wasmtime_val_raw), c_size_t
     ):
-        return None, "wasmtime._bindings.wasmtime_func_unchecked_callback_t changed shape"
+        return "wasmtime._bindings.wasmtime_func_unchecked_callback_t changed shape"
     if ctypes.sizeof(ffi.wasmtime_val_raw) != 16 or ctypes.sizeof(ffi.wasmtime_func_t) != 16:
-        return None, "wasmtime_val_raw_t or wasmtime_func_t changed size"
+        return "wasmtime_val_raw_t or wasmtime_func_t changed size"
+    return None
+
+
+def _changed_wrappers(ffi) -> str | None:
+    """A reason when wasmtime's Python objects no longer hold the C handles FastGuest reads out of them."""
     checks = (
         (wasmtime.Func, "_func", ffi.wasmtime_func_t),
         (wasmtime.Memory, "_memory", ffi.wasmtime_memory_t),
     )
     for cls, attr, typ in checks:
         if getattr(cls, "__annotations__", {}).get(attr) is not typ:
-            return None, f"wasmtime.{cls.__name__}.{attr} is no longer a {typ.__name__}"
+            return f"wasmtime.{cls.__name__}.{attr} is no longer a {typ.__name__}"
     for cls, attr in ((wasmtime.Store, "_context"), (wasmtime.Linker, "ptr"), (wasmtime.FuncType, "ptr"),
                       (wasmtime.Trap, "_from_ptr"), (wasmtime.WasmtimeError, "_from_ptr")):
         if not callable(getattr(cls, attr, None)):
-            return None, f"wasmtime.{cls.__name__}.{attr} is gone"
-    vp, dll, C = ctypes.c_void_p, ffi.dll, ctypes.CFUNCTYPE
+            return f"wasmtime.{cls.__name__}.{attr} is gone"
+    return None
+
+
+def _prototypes(ffi) -> dict:
+    vp, c_size_t, dll, C = ctypes.c_void_p, ctypes.c_size_t, ffi.dll, ctypes.CFUNCTYPE
     protos = {
         # CFUNCTYPE releases the GIL while wasm runs, so the epoch ticker thread can interrupt it
         "call": C(vp, vp, vp, vp, c_size_t, vp)(("wasmtime_func_call_unchecked", dll)),
@@ -331,7 +357,7 @@ def _probe():
         # per-call prototypes take prebuilt ctypes arguments of exactly the declared types:
         # no argtypes means no per-call conversion
         protos[name].argtypes = None
-    return (ffi, protos), None
+    return protos
 
 
 _probed, FAST_PATH_UNAVAILABLE = _probe()

@@ -15,20 +15,8 @@ Theory of operation:
   top-level callback.  Root contexts have no stream: header maps are then
   unavailable (BadArgument, as the spec says).
 - What a callback may read is pulled, never pushed: host functions ask one
-  object, `input` (a `CallbackInput`), for buffers, header maps and the
-  callout's status, so what a callback may read is decided where that
-  callback is made.  `VM.invoke(..., input=...)` sets it for that one
-  callback and puts `NO_INPUT` back after it (the stream's header maps, no
-  buffer): nothing stays readable past its callback.  A body callback reads
-  its chunk (`BufferInput`: bytes until proxy_set_buffer_bytes first edits
-  it, then a bytearray in its place, which the stream reads back);
-  proxy_on_vm_start / proxy_on_configure read the configuration;
-  proxy_on_http_call_response reads the callout's answer
-  (http_calls.HttpCallResponse).  The input belongs to the callback, not to
-  a context: buffers and the answer stay readable after
-  proxy_set_effective_context (the SDKs switch to the HTTP context before
-  handing the answer over), while maps 0-3 are those of the effective
-  context's stream.
+  object, `self.input` (an inputs.CallbackInput, set by VM.invoke for one
+  callback), for buffers, header maps and the callout's status.
 - A host function is `method(self, *args)`: every i32 argument arrives as a
   u32 int (i64 as a signed int), and guest memory is reached through
   `self.mem` (the `Guest`), which bounds-checks every guest pointer; out of
@@ -65,7 +53,6 @@ from .abi import (
     U32,
     BufferType,
     Errno,
-    MapType,
     MetricType,
     Status,
     decode_pairs,
@@ -73,6 +60,7 @@ from .abi import (
     pairs_size,
 )
 from .guest import GuestAbort, GuestExit, signature
+from .inputs import NO_INPUT, CallbackInput
 
 if TYPE_CHECKING:
     from .guest import Guest
@@ -83,12 +71,8 @@ NOT_FOUND = Status.NOT_FOUND
 BAD_ARGUMENT = Status.BAD_ARGUMENT
 INVALID_MEMORY_ACCESS = Status.INVALID_MEMORY_ACCESS
 
-# The map and buffer types hot host functions compare with, as plain ints:
+# The buffer types hot host functions compare with, as plain ints:
 # reading an IntEnum member goes through the enum class (~0.1 µs each).
-REQUEST_HEADERS = int(MapType.REQUEST_HEADERS)
-REQUEST_TRAILERS = int(MapType.REQUEST_TRAILERS)
-RESPONSE_HEADERS = int(MapType.RESPONSE_HEADERS)
-RESPONSE_TRAILERS = int(MapType.RESPONSE_TRAILERS)
 LAST_BODY = int(BufferType.HTTP_RESPONSE_BODY)  # buffer types 0 and 1 are bodies, the only editable ones
 FIRST_CONFIGURATION = int(BufferType.VM_CONFIGURATION)  # 6-8 are read-only by type: BadArgument even when absent
 LAST_BUFFER = int(BufferType.CALL_DATA)
@@ -242,68 +226,6 @@ def _bad_header(name: bytes, value: bytes) -> bool:
 _REQUIRED_PSEUDO = frozenset((b":method", b":path", b":authority"))
 _FDSTAT_STDIO = struct.pack("<BxHxxxxQQ", 2, 0, 0xFFFFFFFFFFFFFFFF, 0)  # character device
 _MAX_OUTPUT_LINE = 4096
-
-
-class CallbackInput:
-    """What the running callback may read; this base: its stream's header maps, no buffer.
-
-    The caller of a callback that may read more passes a subclass to
-    VM.invoke; the host only ever asks, so one object answers for buffers,
-    maps and status alike (see the module docstring).
-    """
-
-    __slots__ = ()
-    status = 0  # proxy_get_status: the HTTP status of the callout being answered (0: none, or it failed)
-
-    def buffer(self, buffer_type: int):
-        """bytes or bytearray, or None: the buffer is not available in this callback."""
-        return None
-
-    def edit(self, buffer_type: int) -> bytearray | None:
-        """The buffer as a bytearray the host edits in place (None: not available)."""
-        return None
-
-    def header_map(self, map_type: int, ctx):
-        """The pairs list of map `map_type` (edited in place), or a status.
-
-        Maps 0-3 belong to the stream of `ctx`, the effective context: the
-        request map exists once the request is seen, the response map once
-        the response is (BadArgument before, as for a root context).
-        """
-        stream = ctx.stream if ctx is not None else None
-        if stream is None or map_type > RESPONSE_TRAILERS:
-            return BAD_ARGUMENT
-        if map_type == REQUEST_HEADERS:
-            return stream.request_headers if stream.request_seen else BAD_ARGUMENT
-        if map_type == RESPONSE_HEADERS:
-            return stream.response_map if stream.response_map is not None else BAD_ARGUMENT
-        if map_type == REQUEST_TRAILERS:
-            return stream.request_trailers
-        return stream.response_trailers
-
-
-NO_INPUT = CallbackInput()  # between callbacks, and for callbacks that read no buffer
-
-
-class BufferInput(CallbackInput):
-    """One buffer: a body chunk or the configuration (read-only: the host refuses edits of types past 1)."""
-
-    __slots__ = ("buffer_type", "data")
-
-    def __init__(self, buffer_type: int, data: bytes | bytearray):
-        self.buffer_type = buffer_type
-        self.data = data  # a bytes chunk stays bytes until its first edit: the caller reads `data` back
-
-    def buffer(self, buffer_type: int):
-        return self.data if buffer_type == self.buffer_type else None
-
-    def edit(self, buffer_type: int) -> bytearray | None:
-        if buffer_type != self.buffer_type:
-            return None
-        data = self.data
-        if type(data) is not bytearray:
-            data = self.data = bytearray(data)
-        return data
 
 
 class Host:

@@ -13,7 +13,7 @@ Theory of operation:
   body size, trailers) on the ROOT context of the plugin that dispatched: the
   SDKs map the token back to their HTTP context and call
   proxy_set_effective_context.  That callback reads an `HttpCallResponse`
-  (host.CallbackInput): map 6 (with `:status`), map 7, buffer 4 and
+  (inputs.CallbackInput): map 6 (with `:status`), map 7, buffer 4 and
   proxy_get_status; a failure or timeout gives counts 0, empty maps and
   status 0.  A body its stream holds for the call is buffer 0 or 1 then,
   editable in place.
@@ -38,7 +38,7 @@ from __future__ import annotations
 import traceback
 
 from .abi import U32, BufferType, MapType, Status
-from .host import CallbackInput
+from .inputs import CallbackInput
 from .vm import VMFailed
 
 DEFAULT_TIMEOUT = 60.0  # seconds, for a call that gives timeout 0 (nginx's proxy_read_timeout)

@@ -38,8 +38,9 @@ from collections.abc import Callable
 
 from ..conf.model import FilterRef, Wasm
 from ..log import ErrorLog
-from .filter import ON_REQUEST_BODY, ON_RESPONSE_BODY, Stream, StreamInfo
+from .filter import Stream, StreamInfo
 from .http_calls import HttpCalls
+from .phases import ON_REQUEST_BODY, ON_RESPONSE_BODY
 from .shared import LocalShared
 from .vm import VM, Compiled, CompiledModule, Plugin, VMFailed, WasmBootError
 

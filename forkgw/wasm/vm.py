@@ -16,7 +16,7 @@ Theory of operation:
   (R, 0), proxy_on_vm_start once per VM with the VM config, proxy_on_configure
   with the plugin config.  False or a trap -> WasmBootError.
 - Every call into the guest goes through `VM.invoke()`: the context it is a
-  callback of, what that callback may read (`input`, see host.py; the
+  callback of, what that callback may read (`input`, see inputs.py; the
   configuration for proxy_on_vm_start / proxy_on_configure), an epoch deadline
   (callback_timeout; a longer BOOT_TIMEOUT while booting), traps caught
   (wasmtime traps, proc_exit, abort, the epoch interrupt, a failed memory
@@ -42,7 +42,8 @@ from ..errors import ConfError
 from ..log import ErrorLog
 from .abi import ABI_MARKERS, BufferType
 from .guest import UNWIND, Guest, GuestAbort, GuestExit, new_guest, signature
-from .host import NO_INPUT, BufferInput, CallbackInput, Host, resolve_import
+from .host import Host, resolve_import
+from .inputs import NO_INPUT, BufferInput, CallbackInput
 
 BOOT_TIMEOUT = 10.0  # seconds _initialize/_start/on_vm_start/on_configure may run
 MAX_CONTEXT_ID = 0x7FFFFFFF  # ids go to wasm as i32 params
