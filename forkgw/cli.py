@@ -50,13 +50,12 @@ def versions() -> str:
 
 def test_conf(args) -> int:
     from forkgw import conf as confmod
-    from forkgw.master import compile_wasm
+    from forkgw.master import load
 
     # The file the loader reads: a relative -c resolves against -p when one is given.
     path = os.path.abspath(os.path.join(args.p, args.c) if args.p else args.c)
     try:
-        config = confmod.load(args.c, args.p, args.g)
-        compile_wasm(config)
+        config, _ = load(args.c, args.p, args.g)
     except ConfError as err:
         eprint(f"[emerg] {err}")
         eprint(f"configuration file {path} test failed")
@@ -99,7 +98,7 @@ def reload_over_control(config) -> int | None:
     """Ask the master to reload and wait for its answer; None if it has no control socket."""
     import socket
 
-    from forkgw.master import control_path
+    from forkgw.control import control_path
 
     path = control_path(config)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -30,6 +30,21 @@ def _request_time(r) -> str:
     return f"{max(0.0, (r.end_time or time.time()) - r.start_time):.3f}"
 
 
+def _client_verify(tls) -> str:
+    """nginx's $ssl_client_verify: a certificate the handshake let through was verified."""
+    if tls is None:
+        return ""
+    return "SUCCESS" if tls.peer_certificate_der() else "NONE"
+
+
+def _client_subject(tls) -> str:
+    return tls.peer_subject if tls is not None else ""
+
+
+def _client_fingerprint(tls) -> str:
+    return tls.peer_digest("sha1") if tls is not None else ""
+
+
 def _forwarded_for(r) -> str:
     prior = r.header("x-forwarded-for")
     return f"{prior}, {r.remote_addr}" if prior else r.remote_addr
@@ -50,7 +65,15 @@ GETTERS: dict[str, Callable] = {
     "uri": lambda r: r.path,
     "args": lambda r: r.query,
     "query_string": lambda r: r.query,
-    "scheme": lambda r: "http",
+    "scheme": lambda r: r.scheme,
+    "https": lambda r: "on" if r.tls is not None else "",
+    "ssl_protocol": lambda r: r.tls.version if r.tls is not None else "",
+    "ssl_cipher": lambda r: r.tls.cipher if r.tls is not None else "",
+    "ssl_server_name": lambda r: r.tls.server_name if r.tls is not None else "",
+    "ssl_session_reused": lambda r: ("r" if r.tls.session_reused else ".") if r.tls is not None else "",
+    "ssl_client_verify": lambda r: _client_verify(r.tls),
+    "ssl_client_s_dn": lambda r: _client_subject(r.tls),
+    "ssl_client_fingerprint": lambda r: _client_fingerprint(r.tls),
     "server_protocol": lambda r: f"HTTP/{r.http_version}",
     "host": lambda r: r.host,
     "status": lambda r: str(r.status),

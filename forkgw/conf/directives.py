@@ -267,6 +267,109 @@ DIRECTIVES: tuple[Directive, ...] = (
        "With `on_error=continue` a failing filter lets the request through instead of answering "
        "500. A level that declares none inherits the enclosing level's chain.",
        "proxy_wasm auth '{\"realm\": \"api\"}' on_error=continue;"),
+    # -- TLS of a server (http and server levels) ------------------------------
+    _d("ssl_certificate", (HTTP, SERVER), (1, 1), v.tls_file_value, APPEND, "ssl_certificate",
+       "file", None,
+       "A PEM certificate (with its chain) for the server's `ssl` listeners. Repeatable, paired in "
+       "order with `ssl_certificate_key`: an ECDSA and an RSA certificate may serve side by side, "
+       "and each client gets the one its handshake can use. Read by the master before it forks.",
+       "ssl_certificate certs/example.com.ecdsa.pem;"),
+    _d("ssl_certificate_key", (HTTP, SERVER), (1, 1), v.tls_file_value, APPEND, "ssl_certificate_key",
+       "file", None,
+       "The PEM private key of the `ssl_certificate` in the same position. `-t` checks that each "
+       "key matches its certificate.",
+       "ssl_certificate_key certs/example.com.ecdsa.key;"),
+    _d("ssl_password_file", (HTTP, SERVER), (1, 1), v.tls_file_value, SET, "ssl_password_file",
+       "file", None,
+       "Pass phrases of encrypted keys, one a line; each is tried in turn.",
+       "ssl_password_file conf/keys.pass;"),
+    _d("ssl_protocols", (HTTP, SERVER), (1, MANY), v.tls_protocols_value, SET, "ssl_protocols",
+       "[TLSv1] [TLSv1.1] [TLSv1.2] [TLSv1.3]", "TLSv1.2 TLSv1.3",
+       "The TLS versions offered.",
+       "ssl_protocols TLSv1.3;"),
+    _d("ssl_ciphers", (HTTP, SERVER), (1, 1), v.string_value, SET, "ssl_ciphers",
+       "ciphers", "HIGH:!aNULL:!MD5",
+       "The cipher list for TLS 1.2 and older, in OpenSSL's format (TLS 1.3 suites are OpenSSL's).",
+       "ssl_ciphers ECDHE+AESGCM:ECDHE+CHACHA20;"),
+    _d("ssl_prefer_server_ciphers", (HTTP, SERVER), (1, 1), v.flag_value, SET, "ssl_prefer_server_ciphers",
+       "on | off", "off",
+       "The server's cipher order wins over the client's.",
+       "ssl_prefer_server_ciphers on;"),
+    _d("ssl_session_tickets", (HTTP, SERVER), (1, 1), v.flag_value, SET, "ssl_session_tickets",
+       "on | off", "on",
+       "Session resumption with tickets. The ticket keys are made with the contexts, by the master "
+       "before it forks, so a session made on one worker resumes on any other of its generation.",
+       "ssl_session_tickets off;"),
+    _d("ssl_session_timeout", (HTTP, SERVER), (1, 1), v.time_value, SET, "ssl_session_timeout",
+       "time", "5m",
+       "How long a session may be resumed; OpenSSL's own lifetime applies (Python's ssl module "
+       "cannot set it), so the value is accepted and checked only.",
+       "ssl_session_timeout 10m;"),
+    _d("ssl_session_cache", (HTTP, SERVER), (1, 2), v.session_cache_value, SET, "ssl_session_cache",
+       "off | none | [builtin[:size]] [shared:name:size]", "none",
+       "nginx's syntax, accepted for its confs: resumption across workers comes from tickets "
+       "(see `ssl_session_tickets`), each worker also keeps OpenSSL's own session cache.",
+       "ssl_session_cache shared:SSL:10m;"),
+    _d("ssl_verify_client", (HTTP, SERVER), (1, 1), v.verify_client_value, SET, "ssl_verify_client",
+       "on | off | optional", "off",
+       "Asks the client for a certificate, verified against `ssl_client_certificate`: `on` "
+       "requires one (a request without is answered 400, as nginx does), `optional` verifies one if "
+       "sent.",
+       "ssl_verify_client on;"),
+    _d("ssl_client_certificate", (HTTP, SERVER), (1, 1), v.tls_file_value, SET, "ssl_client_certificate",
+       "file", None,
+       "PEM certificates of the CAs that client certificates are verified against (and whose "
+       "names are sent to the client).",
+       "ssl_client_certificate certs/clients-ca.pem;"),
+    _d("ssl_trusted_certificate", (HTTP, SERVER), (1, 1), v.tls_file_value, SET, "ssl_trusted_certificate",
+       "file", None,
+       "More CA certificates to verify client certificates against, whose names are not sent.",
+       "ssl_trusted_certificate certs/intermediate.pem;"),
+    _d("ssl_verify_depth", (HTTP, SERVER), (1, 1), v.positive_value, SET, "ssl_verify_depth",
+       "number", "1",
+       "nginx's bound on a client's chain, accepted for its confs: Python's ssl module cannot set "
+       "OpenSSL's verify depth, so chains are bounded by OpenSSL's default (100), not by this value.",
+       "ssl_verify_depth 2;"),
+    # -- TLS to upstreams (proxy_pass https://, and filters' callouts to https://) ----
+    _d("proxy_ssl_verify", HSL, (1, 1), v.flag_value, SET, "proxy_ssl_verify",
+       "on | off", "on",
+       "Verifies the upstream's certificate and name. On by default, unlike nginx: an unverified "
+       "upstream is a silent hole; a failed verification is logged naming this directive.",
+       "proxy_ssl_verify off;"),
+    _d("proxy_ssl_trusted_certificate", HSL, (1, 1), v.tls_file_value, SET, "proxy_ssl_trusted_certificate",
+       "file", None,
+       "PEM CA certificates the upstream's certificate is verified against; by default the "
+       "system's CA bundle.",
+       "proxy_ssl_trusted_certificate certs/internal-ca.pem;"),
+    _d("proxy_ssl_server_name", HSL, (1, 1), v.flag_value, SET, "proxy_ssl_server_name",
+       "on | off", "off",
+       "Sends the upstream's name as SNI. With `proxy_ssl_verify on` it is always sent: Python's "
+       "ssl module checks the name it sends.",
+       "proxy_ssl_server_name on;"),
+    _d("proxy_ssl_name", HSL, (1, 1), v.string_value, SET, "proxy_ssl_name",
+       "name", None,
+       "The name verified (and sent as SNI); by default the host of `proxy_pass`.",
+       "proxy_ssl_name api.internal;"),
+    _d("proxy_ssl_protocols", HSL, (1, MANY), v.tls_protocols_value, SET, "proxy_ssl_protocols",
+       "[TLSv1] [TLSv1.1] [TLSv1.2] [TLSv1.3]", "TLSv1.2 TLSv1.3",
+       "The TLS versions offered to upstreams.",
+       "proxy_ssl_protocols TLSv1.3;"),
+    _d("proxy_ssl_ciphers", HSL, (1, 1), v.string_value, SET, "proxy_ssl_ciphers",
+       "ciphers", "DEFAULT",
+       "The cipher list offered to upstreams for TLS 1.2 and older, in OpenSSL's format.",
+       "proxy_ssl_ciphers HIGH:!aNULL;"),
+    _d("proxy_ssl_certificate", HSL, (1, 1), v.tls_file_value, SET, "proxy_ssl_certificate",
+       "file", None,
+       "A client certificate (PEM) presented to upstreams that ask for one (mutual TLS).",
+       "proxy_ssl_certificate certs/gateway-client.pem;"),
+    _d("proxy_ssl_certificate_key", HSL, (1, 1), v.tls_file_value, SET, "proxy_ssl_certificate_key",
+       "file", None,
+       "The key of `proxy_ssl_certificate`.",
+       "proxy_ssl_certificate_key certs/gateway-client.key;"),
+    _d("proxy_ssl_session_reuse", HSL, (1, 1), v.flag_value, SET, "proxy_ssl_session_reuse",
+       "on | off", "on",
+       "Resumes the last TLS session with each upstream server instead of a full handshake.",
+       "proxy_ssl_session_reuse off;"),
     # -- upstream --------------------------------------------------------------
     _d("server", [UPSTREAM], (1, MANY), v.upstream_server_value, APPEND, "servers",
        "address[:port] [weight=number] [max_fails=number] [fail_timeout=time] [backup]", None,
@@ -280,11 +383,13 @@ DIRECTIVES: tuple[Directive, ...] = (
        "keepalive 32;"),
     # -- server and location ---------------------------------------------------
     _d("listen", [SERVER], (1, MANY), v.listen_value, APPEND, "listens",
-       "[address:]port | address [default_server] [reuseport] [backlog=number]", "0.0.0.0:80",
+       "[address:]port | address [default_server] [ssl] [reuseport] [backlog=number]", "0.0.0.0:80",
        "An address and port the server accepts connections on (`*:8080`, `127.0.0.1`, "
        "`[::]:8080`). `default_server` makes it the server for requests whose Host matches no "
-       "name; otherwise the first server listed for the address is.",
-       "listen 127.0.0.1:8080 default_server reuseport;"),
+       "name; otherwise the first server listed for the address is. `ssl` makes the address speak "
+       "TLS (for every server on it); the certificate is chosen by SNI among the servers of the "
+       "address, the default server's when the client names none or an unknown one.",
+       "listen 127.0.0.1:8443 ssl default_server reuseport;"),
     _d("server_name", [SERVER], (1, MANY), v.server_name_value, EXTEND, "names",
        "name ...", '""',
        "Names the server answers to: exact names, `*.example.com`, `www.example.*`, `~regex` and "

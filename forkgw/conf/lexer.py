@@ -87,71 +87,94 @@ def tokenize(text: str, source: Source) -> Iterator[Token]:
     """Yield the tokens of `text`, ending with one EOF token."""
     i, n, line = 0, len(text), 1
     while True:
-        # Between tokens: skip whitespace and comments.
-        while i < n:
-            ch = text[i]
-            if ch == "\n":
-                line += 1
-                i += 1
-            elif ch in _SPACE:
-                i += 1
-            elif ch == "#":
-                end = text.find("\n", i)
-                i = n if end < 0 else end
-            else:
-                break
+        i, line = _skip_blank(text, i, line)
         if i >= n:
             yield Token(EOF, "", line)
             return
-
         ch = text[i]
         if ch in ";{}":
             yield Token(ch, ch, line)
             i += 1
-            continue
+        elif ch in "\"'":
+            token, i, line = _quoted(text, i, line, source)
+            yield token
+            i = _after_quote(text, i, line, source)
+        else:
+            token, i, line = _word(text, i, line)
+            yield token
 
-        start_line = line
-        if ch in "\"'":
-            quote = ch
-            i += 1
-            start = i
-            while True:
-                if i >= n:
-                    raise ConfError('unexpected end of file, expecting ";" or "}"', source.where(line))
-                ch = text[i]
-                if ch == "\\" and i + 1 < n:
-                    if text[i + 1] == "\n":
-                        line += 1
-                    i += 2
-                    continue
-                if ch == "\n":
-                    line += 1
-                elif ch == quote:
-                    break
-                i += 1
-            yield Token(WORD, _unescape(text[start:i]), start_line)
-            i += 1
-            if i < n and text[i] not in _SPACE and text[i] not in ";{)":
-                raise ConfError(f'unexpected "{text[i]}"', source.where(line))
-            if i < n and text[i] == ")":
-                i += 1
-            continue
 
-        start = i
-        while i < n:
-            ch = text[i]
-            if ch == "\\":
-                if i + 1 < n and text[i + 1] == "\n":
-                    line += 1
-                i += 2
-                continue
-            if ch in _SPACE or ch == ";":
-                break
-            if ch == "{" and not (i > start and text[i - 1] == "$"):
-                break
+def _skip_blank(text: str, i: int, line: int) -> tuple[int, int]:
+    """Whitespace and comments between tokens: where the next token starts, and its line."""
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\n":
+            line += 1
             i += 1
-        i = min(i, n)
-        yield Token(WORD, _unescape(text[start:i]), start_line)
+        elif ch in _SPACE:
+            i += 1
+        elif ch == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+        else:
+            break
+    return i, line
+
+
+def _quoted(text: str, i: int, line: int, source: Source) -> tuple[Token, int, int]:
+    """The word quoted at `i`; returns it, the index after its closing quote, and the line there."""
+    quote = text[i]
+    start_line = line
+    n = len(text)
+    i += 1
+    start = i
+    while True:
+        if i >= n:
+            raise ConfError('unexpected end of file, expecting ";" or "}"', source.where(line))
+        ch = text[i]
+        if ch == "\\" and i + 1 < n:
+            if text[i + 1] == "\n":
+                line += 1
+            i += 2
+            continue
+        if ch == "\n":
+            line += 1
+        elif ch == quote:
+            break
+        i += 1
+    return Token(WORD, _unescape(text[start:i]), start_line), i + 1, line
+
+
+def _after_quote(text: str, i: int, line: int, source: Source) -> int:
+    """After a closing quote only whitespace, `;`, `{` or `)` may follow; a `)` is consumed."""
+    n = len(text)
+    if i < n and text[i] not in _SPACE and text[i] not in ";{)":
+        raise ConfError(f'unexpected "{text[i]}"', source.where(line))
+    if i < n and text[i] == ")":
+        i += 1
+    return i
+
+
+def _word(text: str, i: int, line: int) -> tuple[Token, int, int]:
+    """The unquoted word at `i`; returns it, the index where it ends, and the line there."""
+    start_line = line
+    n = len(text)
+    start = i
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            if i + 1 < n and text[i + 1] == "\n":
+                line += 1
+            i += 2
+            continue
+        if ch in _SPACE or ch == ";":
+            break
+        if ch == "{" and not (i > start and text[i - 1] == "$"):
+            break
+        i += 1
+    i = min(i, n)  # a backslash at the very end steps past it
+    return Token(WORD, _unescape(text[start:i]), start_line), i, line
 
 
 def parse_statements(text: str, source: Source) -> list[Statement]:

@@ -23,6 +23,7 @@ class Listen:
     default_server: bool = False
     reuseport: bool = False
     backlog: int = 511
+    ssl: bool = False  # TLS on this address: one `listen … ssl` of it makes it TLS for every server
     where: str = ""
 
     @property
@@ -55,6 +56,8 @@ class ProxyPass:
     url: str
     upstream: str  # name of an Upstream in Http.upstreams (an implicit one for host:port)
     uri: str | None  # None: pass the request URI unchanged; else nginx's replacement rule
+    scheme: str = "http"  # "https": TLS to the upstream, with the location's proxy_ssl_* settings
+    tls: object = None  # for https: (ssl.SSLContext, server name or None), built by forkgw.tls before fork
 
 
 @dataclass
@@ -95,6 +98,30 @@ class Settings:
     proxy_next_upstream: tuple[str, ...] = ("error", "timeout")
     add_header: list[AddHeader] = field(default_factory=list)
     filters: list[FilterRef] = field(default_factory=list)
+    # TLS of the server (http and server levels); files are (absolute path, "file:line")
+    ssl_certificate: list[tuple[str, str]] = field(default_factory=list)
+    ssl_certificate_key: list[tuple[str, str]] = field(default_factory=list)
+    ssl_password_file: tuple[str, str] | None = None
+    ssl_protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    ssl_ciphers: str = "HIGH:!aNULL:!MD5"
+    ssl_prefer_server_ciphers: bool = False
+    ssl_session_tickets: bool = True
+    ssl_session_timeout: float = 300.0
+    ssl_session_cache: str = "none"
+    ssl_verify_client: str = "off"  # on | optional | optional_no_ca | off
+    ssl_client_certificate: tuple[str, str] | None = None
+    ssl_trusted_certificate: tuple[str, str] | None = None
+    ssl_verify_depth: int = 1
+    # TLS to upstreams (http, server and location levels)
+    proxy_ssl_verify: bool = True
+    proxy_ssl_trusted_certificate: tuple[str, str] | None = None  # None: the system's CA bundle
+    proxy_ssl_server_name: bool = False
+    proxy_ssl_name: str | None = None  # None: the host of proxy_pass
+    proxy_ssl_protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    proxy_ssl_ciphers: str = "DEFAULT"
+    proxy_ssl_certificate: tuple[str, str] | None = None
+    proxy_ssl_certificate_key: tuple[str, str] | None = None
+    proxy_ssl_session_reuse: bool = True
 
 
 @dataclass
@@ -119,6 +146,7 @@ class Server:
     ret: tuple[int, str | None] | None = None  # server-level `return` answers everything
     where: str = ""
     name_regexes: dict[str, re.Pattern[str]] = field(default_factory=dict)  # "~regex" in names -> compiled
+    ssl_context: object = None  # its ssl.SSLContext when on a TLS address, built by forkgw.tls before fork
 
 
 @dataclass
@@ -126,6 +154,8 @@ class Http:
     servers: list[Server]
     upstreams: dict[str, Upstream]
     log_formats: dict[str, str]  # name -> format string; "combined" always present
+    settings: Settings | None = None  # the http level's own (what callouts to https targets use)
+    callout_tls: object = None  # the ssl.SSLContext of callouts to https targets, built by forkgw.tls
     wasm_vm: str = "wasmtime"
 
 

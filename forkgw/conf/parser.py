@@ -226,7 +226,7 @@ class _Builder:
             self.build_upstream(upstream_block)
         http = Http(servers=[], upstreams=self.upstreams, log_formats=self.log_formats)
         self.fill(http, block, table.HTTP)
-        settings = self.settings(self.base_settings(), block)
+        settings = http.settings = self.settings(self.base_settings(), block)
         http.servers = [self.build_server(server_block, settings) for server_block, _ in block.items("servers")]
         self.check_listens(http.servers)
         return http
@@ -339,9 +339,9 @@ class _Builder:
     def check_proxy_pass(self, proxy_pass: ProxyPass, regex: bool, where: str) -> None:
         if regex and proxy_pass.uri is not None:
             raise ConfError('"proxy_pass" cannot have URI part in location given by regular expression', where)
-        self.upstream_for(proxy_pass.upstream, where)
+        self.upstream_for(proxy_pass.upstream, where, 443 if proxy_pass.scheme == "https" else 80)
 
-    def upstream_for(self, target: str, where: str) -> Upstream:
+    def upstream_for(self, target: str, where: str, default_port: int = 80) -> Upstream:
         """An upstream{} named `target`, else an implicit one for a resolvable host:port."""
         upstream = self.upstreams.get(target)
         if upstream is not None:
@@ -349,10 +349,10 @@ class _Builder:
         host, port_text = split_host_port(target)
         if port_text is None and not is_ip(host):
             hint = did_you_mean(target, self.upstreams)
-            if not hint and resolves(host, 80):
-                hint = f' (no upstream block of that name; for the host, write "{target}:80")'
+            if not hint and resolves(host, default_port):
+                hint = f' (no upstream block of that name; for the host, write "{target}:{default_port}")'
             raise ConfError(f'host not found in upstream "{target}"{hint}', where)
-        port = 80 if port_text is None else port_number(port_text)
+        port = default_port if port_text is None else port_number(port_text)
         if port is None:
             raise ConfError(f'invalid port in upstream "{target}"', where)
         if not resolves(host, port):
@@ -363,7 +363,7 @@ class _Builder:
 
     @staticmethod
     def check_listens(servers: list[Server]) -> None:
-        """One default server and one set of socket options per address, shared by every Listen of it."""
+        """One default server and one set of socket options (TLS included) per address, shared by every Listen of it."""
         defaults: set[tuple[str, int]] = set()
         options: dict[tuple[str, int], Listen] = {}
         for server in servers:
@@ -381,3 +381,7 @@ class _Builder:
                 chosen = options.get(listen.key)
                 if chosen is not None:
                     listen.reuseport, listen.backlog = chosen.reuseport, chosen.backlog
+        tls = {listen.key for server in servers for listen in server.listens if listen.ssl}
+        for server in servers:  # as in nginx, one `ssl` makes the address TLS for every server on it
+            for listen in server.listens:
+                listen.ssl = listen.key in tls

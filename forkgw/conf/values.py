@@ -121,6 +121,10 @@ def positive_value(args: list[str], ctx: Ctx) -> int:
     return number(args[0], ctx, minimum=1)
 
 
+def string_value(args: list[str], ctx: Ctx) -> str:
+    return args[0]
+
+
 def count_value(args: list[str], ctx: Ctx) -> int:
     return number(args[0], ctx)
 
@@ -452,6 +456,8 @@ def listen_value(args: list[str], ctx: Ctx) -> Listen:
             listen.default_server = True
         elif arg == "reuseport":
             listen.reuseport = True
+        elif arg == "ssl":
+            listen.ssl = True
         elif (value := _key_value(arg, "backlog")) is not None:
             if not is_number(value.removeprefix("-")) or int(value) == 0:
                 ctx.fail(f'invalid backlog "{value}"')
@@ -534,22 +540,21 @@ def return_value(args: list[str], ctx: Ctx) -> tuple[int, str | None]:
 
 
 def proxy_pass_value(args: list[str], ctx: Ctx) -> ProxyPass:
-    """`proxy_pass http://TARGET[/URI]`; TARGET is checked against upstreams later."""
+    """`proxy_pass http[s]://TARGET[/URI]`; TARGET is checked against upstreams later."""
     url = args[0]
     lower = url.lower()
-    if lower.startswith("https://"):
-        ctx.invalid(url, "https upstreams are not supported yet (no TLS to upstreams)")
-    if not lower.startswith("http://"):
+    scheme = "https" if lower.startswith("https://") else "http"
+    if not lower.startswith(scheme + "://"):
         ctx.fail(f'invalid URL prefix in "{url}"')
     if "$" in url:
         ctx.invalid(url, "variables are not supported in proxy_pass")
-    rest = url[len("http://") :]
+    rest = url[len(scheme) + 3 :]
     slash = rest.find("/")
     target, uri = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
     split = split_host_port(target)
     if not target or "@" in target or "?" in target or "#" in target or split is None or not split[0]:
         ctx.fail(f'invalid host in upstream "{url}"')
-    return ProxyPass(url=url, upstream=target, uri=uri)
+    return ProxyPass(url=url, upstream=target, uri=uri, scheme=scheme)
 
 
 def upstream_name_value(args: list[str], ctx: Ctx) -> str:
@@ -588,6 +593,45 @@ def upstream_server_value(args: list[str], ctx: Ctx) -> UpstreamServer:
         else:
             ctx.fail(f'invalid parameter "{arg}"')
     return server
+
+
+TLS_PROTOCOLS = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def tls_file_value(args: list[str], ctx: Ctx) -> tuple[str, str]:
+    """A certificate, key or password file: its path, and where the conf named it (for errors)."""
+    return ctx.path(args[0]), ctx.where
+
+
+def tls_protocols_value(args: list[str], ctx: Ctx) -> tuple[str, ...]:
+    for arg in args:
+        if arg not in TLS_PROTOCOLS:
+            ctx.invalid(arg)
+        if arg in ("SSLv2", "SSLv3"):
+            ctx.fail(f'"{arg}" is not supported (insecure, and not built into this OpenSSL)')
+    return tuple(args)
+
+
+def verify_client_value(args: list[str], ctx: Ctx) -> str:
+    if args[0] not in ("on", "off", "optional", "optional_no_ca"):
+        ctx.invalid(args[0], 'it must be "on", "off", "optional" or "optional_no_ca"')
+    if args[0] == "optional_no_ca":
+        ctx.fail('"optional_no_ca" cannot be offered: OpenSSL\'s verify callback is not reachable from Python')
+    return args[0]
+
+
+def session_cache_value(args: list[str], ctx: Ctx) -> str:
+    """nginx's `off | none | [builtin[:size]] [shared:name:size]`: kept as text (see DIRECTIVES.md)."""
+    for arg in args:
+        if arg in ("off", "none") and len(args) == 1:
+            continue
+        if arg == "builtin" or arg.startswith("builtin:"):
+            continue
+        parts = arg.split(":")
+        if len(parts) == 3 and parts[0] == "shared" and parts[1] and parse_size(parts[2]):
+            continue
+        ctx.invalid(arg)
+    return " ".join(args)
 
 
 def nothing(args: list[str], ctx: Ctx) -> None:

@@ -1,207 +1,101 @@
-"""One client connection: h11 server state, routing, `return`, proxying, filters, logging.
+"""One client connection: bytes to requests, requests through their phases, keep-alive.
 
-Theory of operation.  The worker loop calls `on_event` when the socket is
-ready; everything else happens here, in the order a request lives:
+Theory of operation.  The loop calls `on_event` when the socket is ready.
+Bytes go into h11; each event it gives back moves the request along its
+phases, each in its own module, in the order a request meets them:
 
-    bytes -> h11 events -> Request: pick server (Host) and location (path)
-          -> request-phase filters (may answer locally)
-          -> `return` answer, or a ProxyRequest to a peer
-          -> response head through the header filter (add_header, wasm)
-          -> body -> EndOfMessage -> done/log/delete, access log line
-          -> keep-alive: next request (pipelined ones wait, h11 PAUSED)
+    head (admission: framing, limits, smuggling rules; routing: server,
+    location) -> request_filters (the filter chain, when the location has one)
+    -> content (`return`, `/metrics`, or proxy_pass through proxy.py)
+    -> response (header filter, head, body, end) -> the access log line
+    -> keep-alive: the next request (pipelined ones wait, h11 PAUSED)
 
-A filter that pauses for a callout holds the request (phase "paused": the
-client is not read) or the response (`held_response` queues what the peer
-sends meanwhile, and the peer is not read); the stream's `on_resume` goes on.
-
-Invariants: at most one request is in flight per connection (h11 pauses the
-rest); `out` holds bytes h11 produced that the kernel has not taken yet, and
-while it is above the high-water mark the source feeding it stops reading; a
-connection always has one deadline that matches what it waits for.
+`phase` says what the connection waits for (the `Phase` enum); the deadline
+always matches it.  Invariants: at most one request is in flight per
+connection (h11 pauses the rest); `out` holds bytes h11 produced that the
+kernel has not taken yet, and while it is above the high-water mark the
+source feeding it stops reading.
 """
 
 from __future__ import annotations
 
-import re
-import selectors
+import enum
 import socket
-import time
+from time import time as time_now
 
 import h11
 
-from forkgw.http.messages import (
-    ADD_HEADER_STATUSES,
-    REDIRECTS,
-    error_page,
-    reason,
-    end_of_message,
-    header_list,
-    server_header,
-    split_pseudo,
-)
-from forkgw.http.upstream import HIGH_WATER, READ_SIZE, ProxyRequest
-from forkgw.routing import normalize_path, proxy_uri
-from forkgw.wasm.filter import PAUSED, LocalReply
+from forkgw.http import head
+from forkgw.http.messages import TEXT_HTML, error_page
+from forkgw.http.proxy import HIGH_WATER
+from forkgw.http.request import RequestState
+from forkgw.http.response import Response
+from forkgw.net.connection import EVENT_READ, EVENT_WRITE, Connection
+from forkgw.wasm.filter import LocalReply
 
 LINGER_TIME = 2.0
 MAX_DISCARD = 1024 * 1024  # body bytes read and dropped after answering, before giving up
 
-# Response headers an upstream sends that nginx replaces with its own by default.
-REPLACED_BY_GATEWAY = frozenset({b"server", b"date"})
-NO_BODY_STATUSES = frozenset({204, 304})
+
+class Phase(enum.Enum):
+    HEAD = "head"  # waiting for a request head (the first, or the next on keep-alive)
+    BODY = "body"  # reading a request body
+    PAUSED = "paused"  # a request filter waits for a callout: the client is not read
+    WAIT = "wait"  # the request is in; its answer is being made
+    DONE = "done"  # answered; what the client still sends is read and dropped
+    LINGER = "linger"  # half-closed: draining the client so our answer is not reset
 
 
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_-](?:[A-Za-z0-9_.-]*[A-Za-z0-9_-])?\.?)(?::[0-9]{1,5})?")
+HEAD, BODY, PAUSED, WAIT, DONE, LINGER = Phase
 
 
-def valid_host(host: bytes) -> bool:
-    """nginx's ngx_http_validate_host in spirit: a name or an address, a port, nothing else."""
-    return _HOST.fullmatch(host) is not None and b".." not in host
+class ClientConnection(Connection):
+    __slots__ = ("server", "id", "remote_addr", "remote_port", "server_addr", "server_port",
+                 "listen_key", "h11", "state", "proxy", "stream", "settings", "requests",
+                 "read_paused", "on_drained", "keepalive", "phase", "discarded", "pipelined",
+                 "last_read", "processing", "response", "body_holder", "tls", "plain_on_tls")
 
-
-def headers_too_large(headers, number: int, size: int) -> bool:
-    """nginx's large_client_header_buffers: no line over `size`, all of them within number*size."""
-    total = 0
-    for name, value in headers:
-        line = len(name) + len(value) + 4
-        if line > size:
-            return True
-        total += line
-    return total > number * size
-
-
-def first_value(headers, name: str) -> str:
-    """`$http_NAME` / `$sent_http_NAME`: the first value, the name matched in any case
-    (our own response fields are written "Content-Type", h11 hands requests lowered)."""
-    key = name.encode("latin-1")
-    for n, v in headers:
-        if n.lower() == key:
-            return v.decode("latin-1")
-    return ""
-
-
-class RequestState:
-    """What one request has said and been told: read by the access log and `$variables`.
-
-    Built per request, so only what differs per request is set here; the rest are
-    class-level defaults, and connection facts are read through the connection.
-    """
-
-    end_time = 0.0
-    status = 0
-    body_bytes_sent = 0
-    bytes_sent = 0
-    request_length = 0
-    _request_id = None
-    upstream_addr = ""
-    upstream_status = ""
-    upstream_response_time = ""
-    proxy_host = ""
-    host = ""
-    response_headers: list[tuple[bytes, bytes]] = []
-
-    def __init__(self, conn, request: h11.Request | None):
-        self.conn = conn
-        if request is None:  # too malformed for h11 to parse: logged as nginx logs a 400
-            self.method, self.target, self.http_version, self.headers = "-", "-", "1.1", []
-        else:
-            self.method = request.method.decode("latin-1")
-            self.target = request.target.decode("latin-1")
-            self.http_version = request.http_version.decode()
-            self.headers = header_list(request.headers)
-        self.path, _, self.query = self.target.partition("?")
-        self.start_time = time.time()
-        self.connection_requests = conn.requests
-
-    remote_addr = property(lambda self: self.conn.remote_addr)
-    remote_port = property(lambda self: self.conn.remote_port)
-    server_addr = property(lambda self: self.conn.server_addr)
-    server_port = property(lambda self: self.conn.server_port)
-    connection_id = property(lambda self: self.conn.id)
-    pid = property(lambda self: self.conn.worker.pid)
-
-    @property
-    def request_id(self) -> str:
-        if self._request_id is None:
-            self._request_id = self.conn.worker.next_request_id()
-        return self._request_id
-
-    def header(self, name: str) -> str:
-        return first_value(self.headers, name)
-
-    def response_header(self, name: str) -> str:
-        return first_value(self.response_headers, name)
-
-
-class ClientConnection:
-    __slots__ = ("worker", "sock", "id", "remote_addr", "remote_port", "server_addr",
-                 "server_port", "listen_key", "h11", "out", "events", "closed", "deadline",
-                 "timer_at", "timer_queued", "state", "proxy", "stream", "settings", "requests",
-                 "read_paused", "on_drained", "keepalive", "head_sent", "phase", "discarded",
-                 "is_head", "response_status", "pipelined", "last_read", "held", "held_body", "body_filter",
-                 "processing", "held_response")
-
-    def __init__(self, worker, sock: socket.socket, addr, listen_key, conn_id: int):
-        self.worker = worker
-        self.sock = sock
+    def __init__(self, server, sock, addr, listen_key, conn_id: int, tls=None, plain_on_tls: bool = False):
+        super().__init__(server.loop, sock)
+        self.tls = tls  # what the TLS handshake agreed on (the transport), or None
+        self.plain_on_tls = plain_on_tls  # plain HTTP on a TLS port: every request gets nginx's 400
+        self.server = server
         self.id = conn_id
         self.remote_addr, self.remote_port = (addr[0], addr[1]) if isinstance(addr, tuple) else ("unix:", 0)
         local = sock.getsockname()
         self.server_addr, self.server_port = (local[0], local[1]) if isinstance(local, tuple) else ("unix:", 0)
         self.listen_key = listen_key
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=worker.header_limit(listen_key))
-        self.out = bytearray()
-        self.events = 0
-        self.closed = False
-        self.deadline = None
-        self.timer_at = 0.0
-        self.timer_queued = False
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.header_limit(listen_key))
         self.state: RequestState | None = None
-        self.proxy: ProxyRequest | None = None
-        self.stream = None  # the wasm filter chain's per-request state
-        self.settings = worker.default_settings(listen_key)
+        self.proxy = None  # the ProxyRequest carrying this request to a peer
+        self.stream = None  # the filter chain's per-request state
+        self.settings = server.default_settings(listen_key)
         self.requests = 0
         self.read_paused = False
         self.on_drained = None
         self.keepalive = True
-        self.head_sent = False
-        self.phase = "head"  # head | body | wait | done | linger
+        self.phase = HEAD
         self.discarded = 0
-        self.is_head = False
-        self.response_status = 0
         self.pipelined = False
         self.last_read = 0
-        self.held = None  # (location, request, headers, host) while filters read the request body
-        self.held_body = bytearray()
-        self.body_filter = False
         self.processing = False
-        self.held_response = None  # what waits while a response filter is paused: body chunks, [trailers]
-        self.want(selectors.EVENT_READ)
-        worker.set_deadline(self, self.settings.client_header_timeout)
+        self.response = Response(self)
+        self.body_holder = None  # the RequestFilters reading the whole request body, while they do
+        self.want(EVENT_READ)
+        self.set_deadline(self.settings.client_header_timeout)
 
     # -- selector plumbing ------------------------------------------------------
 
-    def want(self, events: int) -> None:
-        if self.closed or events == self.events:
-            return
-        if self.events == 0:
-            self.worker.selector.register(self.sock, events, self.on_event)
-        elif events == 0:
-            self.worker.selector.unregister(self.sock)
-        else:
-            self.worker.selector.modify(self.sock, events, self.on_event)
-        self.events = events
-
     def update_interest(self) -> None:
-        reading = self.phase == "linger" or not (self.read_paused or self.pipelined)
-        self.want((selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if self.out else 0))
+        reading = self.phase is LINGER or not (self.read_paused or self.pipelined)
+        self.want((EVENT_READ if reading else 0) | (EVENT_WRITE if self.out else 0))
 
     def on_event(self, mask: int) -> None:
         if self.closed:
             return  # closed earlier in this loop turn (e.g. by its upstream's failure)
-        if mask & selectors.EVENT_WRITE:
+        if mask & EVENT_WRITE:
             self.flush()
-        if mask & selectors.EVENT_READ and not self.closed:
+        if mask & EVENT_READ and not self.closed:
             self.on_readable()
 
     def pause_reading(self) -> None:
@@ -217,30 +111,23 @@ class ClientConnection:
     def out_pending(self) -> int:
         return len(self.out)
 
-    @property
-    def answered(self) -> bool:
-        """A response is under way: its head is on the wire, or held by a paused filter."""
-        return self.head_sent or self.held_response is not None
-
     # -- reading ------------------------------------------------------------------
 
     def on_readable(self) -> None:
-        try:
-            data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = self.receive()
+        if data is None:
             return
-        except OSError:
-            data = b""
         self.last_read = len(data)
-        if self.phase == "linger":
+        phase = self.phase
+        if phase is LINGER:
             if not data:
                 self.close()
             return
-        if not data and self.phase in ("wait", "done") and self.h11.their_state is h11.DONE:
+        if not data and (phase is WAIT or phase is DONE) and self.h11.their_state is h11.DONE:
             self.client_gone()
             return
-        if self.phase == "head" and self.deadline is not None and self.requests and data:
-            self.worker.set_deadline(self, self.settings.client_header_timeout)
+        if phase is HEAD and self.deadline is not None and self.requests and data:
+            self.set_deadline(self.settings.client_header_timeout)
         try:
             self.h11.receive_data(data)
         except RuntimeError:
@@ -253,7 +140,7 @@ class ClientConnection:
             return  # an answer finished inside the loop below: it goes on with the next request
         self.processing = True
         try:
-            while not self.closed and self.phase != "paused":  # paused: the rest waits in h11
+            while not self.closed and self.phase is not PAUSED:  # paused: the rest waits in h11
                 try:
                     event = self.h11.next_event()
                 except h11.RemoteProtocolError as err:
@@ -279,190 +166,53 @@ class ClientConnection:
 
     def bad_request(self, err: h11.RemoteProtocolError) -> None:
         status = err.error_status_hint or 400
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.answered:
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.response.answered:
             self.close()
             return
-        self.worker.log.info(f"client sent invalid request: {err}, client: {self.remote_addr}")
+        self.server.log.info(f"client sent invalid request: {err}, client: {self.remote_addr}")
         self.keepalive = False
         self.drop_proxy()  # a body that broke off mid-way: the upstream exchange is void
         if self.state is None:
             self.state = RequestState(self, None)
-        self.phase = "done"
-        self.is_head = False
-        self.respond(status, [(b"Content-Type", b"text/html")], error_page(status, self.settings.server_tokens),
-                     filters=False)
+        self.phase = DONE
+        self.response.is_head = False
+        self.response.respond(status, [TEXT_HTML], error_page(status, self.settings.server_tokens),
+                              filters=False)
 
     # -- a request arrives ------------------------------------------------------
 
     def start_request(self, request: h11.Request) -> None:
-        worker = self.worker
         self.requests += 1
-        self.head_sent = False
         self.discarded = 0
-        self.response_status = 0
-        self.body_filter = False
-        state = self.state = RequestState(self, request)
-        self.is_head = request.method == b"HEAD"
-        host = b""
-        length = None
-        chunked = False
-        for name, value in state.headers:
-            if name == b"host":
-                host = value
-            elif name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = True
-        if chunked and (length is not None or request.http_version == b"1.0") \
-                or request.http_version not in (b"1.1", b"1.0") or host and not valid_host(host):
-            # Ambiguous framing (a smuggling attempt), an HTTP version we do not speak, or a
-            # Host that is not a host name: nginx refuses all three.
-            self.keepalive = False
-            self.respond_error(505 if request.http_version not in (b"1.1", b"1.0") else 400)
-            return
-        state.host = host.decode("latin-1").split(":", 1)[0].lower() if host else self.server_addr
-        has_body = chunked or bool(length)
-        self.phase = "body" if has_body else "wait"
-        server = worker.router.server_for(self.listen_key, state.host)
-        self.settings = server.settings
-        if self.requests >= self.settings.keepalive_requests or worker.draining:
-            self.keepalive = False
-        number, size = self.settings.large_client_header_buffers
-        if len(request.target) > size:
-            self.keepalive = False
-            self.respond_error(414)
-            return
-        if self.last_read > size and headers_too_large(state.headers, number, size):
-            # h11 bounds only heads that arrive in pieces; one that came whole is checked here.
-            self.keepalive = False
-            self.respond_error(431)
-            return
-        normalized = normalize_path(request.target)
-        if normalized is None:
-            self.respond_error(400)
-            return
-        state.path, state.query = normalized
-        if server.ret is not None:
-            self.respond_return(server.ret)
-            return
-        location = worker.router.location_for(server, state.path)
-        if location is None:
-            self.respond_error(404)
-            return
-        settings = self.settings = location.settings
-        limit = settings.client_max_body_size
-        if limit and length is not None and length > limit:
-            self.worker.log.error(f"client intended to send too large body: {length} bytes, "
-                                  f"client: {self.remote_addr}, request: \"{state.method} {state.target}\"")
-            self.keepalive = False
-            self.respond_error(413)
-            return
-        if not settings.filters:
-            self.dispatch(location, request, state.headers, host, has_body)
-            return
-        pseudo = [(b":method", request.method), (b":path", request.target),
-                  (b":authority", host), (b":scheme", b"http")]
-        self.stream = worker.wasm_stream(settings.filters, self, state)
-        reply = self.stream.on_request_headers(pseudo + state.headers, not has_body)
-        if reply is PAUSED:
-            self.wait_for_filters(lambda reply: self.request_headers_filtered(reply, location, request, has_body, host),
-                                  self.settings.client_header_timeout)
-        else:
-            self.request_headers_filtered(reply, location, request, has_body, host)
+        self.response.reset(request.method == b"HEAD")
+        self.state = RequestState(self, request)
+        head.start(self, request)
 
-    def request_headers_filtered(self, reply, location, request: h11.Request, has_body: bool, host: bytes) -> None:
-        if reply is not None:
-            self.send_local_reply(reply)
-        else:
-            self.request_filtered(location, request, has_body, host)
+    def request_has_body(self, has_body: bool) -> None:
+        self.phase = BODY if has_body else WAIT
 
-    def request_filtered(self, location, request: h11.Request, has_body: bool, host: bytes) -> None:
-        """The request-phase filters let it through: answer, or first read the body they want."""
-        request, headers, host = self.apply_request_changes(request, host)
-        if has_body and self.stream.wants_request_body:
-            # nginx buffers request bodies before proxying by default; here it lets the
-            # filters see (and change) the whole body before anything is answered.
-            self.held = (location, request, headers, host)
-            self.held_body = bytearray()
-            self.worker.set_deadline(self, self.settings.client_body_timeout)
-            return
-        self.dispatch(location, request, headers, host, has_body)
-
-    def dispatch(self, location, request, headers, host, has_body: bool, body: bytes | None = None,
-                 trailers=()) -> None:
-        """The content phase: `return`, or `proxy_pass` (with a body held for filters, if any)."""
-        if location.ret is not None:
-            self.respond_return(location.ret)
-        elif location.metrics and self.worker.metrics is not None:
-            self.respond(200, [(b"Content-Type", b"text/plain; version=0.0.4")], self.worker.metrics.render())
-        elif location.proxy_pass is not None:
-            self.start_proxy(location, request, headers, host, has_body)
-            if body is not None and self.proxy is not None:
-                self.proxy.body_data(body)
-                self.proxy.body_end(trailers)
-        else:
-            self.respond_error(404)
+    def refuse(self, status: int) -> None:
+        """An error that ends the connection after its answer (the head or body is not to be trusted)."""
+        self.keepalive = False
+        self.response.error(status)
 
     def wait_for_filters(self, then, timeout: float) -> None:
         """A filter paused the request (for a callout): stop reading, wait at most `timeout`, then `then(result)`."""
-        self.phase = "paused"
+        self.phase = PAUSED
         self.pause_reading()
-        self.worker.set_deadline(self, timeout)
+        self.set_deadline(timeout)
 
         def resumed(result) -> None:
-            if self.closed or self.stream is None or self.phase != "paused":
+            if self.closed or self.stream is None or self.phase is not PAUSED:
                 return
             self.resume_reading()
-            self.phase = "body" if self.h11.their_state is h11.SEND_BODY else "wait"
+            self.phase = BODY if self.h11.their_state is h11.SEND_BODY else WAIT
             self.deadline = None
             then(result)
             if not self.closed:
                 self.process()  # body bytes that waited in h11's buffer
 
         self.stream.on_resume = resumed
-
-    def apply_request_changes(self, request: h11.Request, host: bytes):
-        """Rebuild the request from the map the request-phase filters left behind.
-
-        A map the filters left as they got it (pseudo-headers from `request`, :authority
-        `host`) gives back `request` itself: nothing to re-validate.
-        """
-        if not self.stream.wants_request_body and not self.stream.request_changed():
-            return request, self.state.headers, host
-        method, target, host, headers = split_pseudo(self.stream.request_headers, request.method,
-                                                     request.target)
-        if target != request.target:
-            normalized = normalize_path(target)
-            if normalized is not None:
-                self.state.path, self.state.query = normalized
-        if self.stream.wants_request_body:
-            # The body reaches the upstream whole, with its final length (see request_end).
-            headers = [h for h in headers if h[0] not in (b"content-length", b"transfer-encoding")]
-        rebuilt = h11.Request(method=method, target=target, headers=headers, http_version=request.http_version)
-        return rebuilt, headers, host
-
-    def start_proxy(self, location, request, headers, host, has_body: bool) -> None:
-        upstream = self.worker.upstreams[location.proxy_pass.upstream]
-        state = self.state
-        state.proxy_host = location.proxy_pass.upstream
-        target = proxy_uri(location, location.proxy_pass, state.path,
-                                              request.target.decode("latin-1"))
-        outgoing = self.worker.proxy_headers(location.settings, state, headers)
-        # proxy_uri keeps the raw target (latin-1 round-trips its bytes) or escapes to ASCII.
-        # The client's method and fields (parsed by h11) and proxy_set_header values (escaped
-        # when rendered) skip h11's re-validation, unless a filter rewrote the request.
-        trusted = self.stream is None or not self.stream.request_changed()
-        upstream_request = h11.Request(method=request.method, target=target.encode("latin-1"),
-                                       headers=outgoing, _parsed=trusted)
-        if has_body and self.h11.they_are_waiting_for_100_continue:
-            self.out += self.h11.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
-            self.flush()
-        self.proxy = ProxyRequest(self, upstream, upstream_request, location.settings, has_body)
-        self.proxy.start()
-        if self.phase == "body":
-            self.worker.set_deadline(self, self.settings.client_body_timeout)
-        elif not self.out:
-            self.deadline = None
 
     def request_body(self, data: bytes) -> None:
         state = self.state
@@ -473,284 +223,70 @@ class ClientConnection:
             return
         state.request_length += len(data)
         limit = self.settings.client_max_body_size
-        if limit and state.request_length > limit and not self.answered:
-            self.keepalive = False
+        if limit and state.request_length > limit and not self.response.answered:
             self.drop_proxy()
-            self.worker.log.error(f"client intended to send too large chunked body: "
+            self.server.log.error(f"client intended to send too large chunked body: "
                                   f"{state.request_length} bytes, client: {self.remote_addr}")
-            self.respond_error(413)
+            self.refuse(413)
             return
-        if self.held is not None:
-            self.filter_request_body(data, False)
+        if self.body_holder is not None:
+            self.body_holder.body_data(data, False)
         elif self.proxy is not None and not self.proxy.done:
             self.proxy.body_data(data)
-            self.worker.set_deadline(self, self.settings.client_body_timeout)
+            self.set_deadline(self.settings.client_body_timeout)
         else:
             self.discarded += len(data)
-            if self.discarded > MAX_DISCARD and self.phase == "done":
+            if self.discarded > MAX_DISCARD and self.phase is DONE:
                 self.keepalive = False
                 self.close()
 
-    def filter_request_body(self, data: bytes, end: bool, trailers=()) -> None:
-        out = self.stream.on_request_body(data, end)
-        if out is PAUSED:  # the whole body waits for a filter's callout
-            self.wait_for_filters(lambda out: self.request_body_filtered(out, end, trailers),
-                                  self.settings.client_body_timeout)
-            return
-        self.request_body_filtered(out, end, trailers)
-
-    def request_body_filtered(self, out, end: bool, trailers) -> None:
-        if isinstance(out, LocalReply):
-            self.held = None
-            self.keepalive = False
-            self.send_local_reply(out)
-            return
-        self.held_body += out
-        if not end:
-            self.worker.set_deadline(self, self.settings.client_body_timeout)
-            return
-        if trailers:
-            trailers = self.stream.on_request_trailers(trailers)
-            if isinstance(trailers, LocalReply):
-                self.held = None
-                self.send_local_reply(trailers)
-                return
-        (location, request, headers, host), self.held = self.held, None
-        body = bytes(self.held_body)
-        self.held_body = bytearray()
-        # The body goes on whole with its final length, or chunked if trailers follow it.
-        framing = (b"transfer-encoding", b"chunked") if trailers else (b"content-length", str(len(body)).encode())
-        self.phase = "wait"
-        self.deadline = None
-        self.dispatch(location, request, headers + [framing], host, bool(body) or bool(trailers), body, trailers)
-
     def request_end(self, trailers=()) -> None:
-        if self.held is not None:
-            self.filter_request_body(b"", True, trailers)
+        if self.body_holder is not None:
+            self.body_holder.body_data(b"", True, trailers)
             return
         if trailers and self.stream is not None and self.state is not None:
             trailers = self.stream.on_request_trailers(trailers)
             if isinstance(trailers, LocalReply):
-                if not self.answered:
+                if not self.response.answered:
                     self.keepalive = False
-                    self.send_local_reply(trailers)
+                    self.response.local_reply(trailers)
                     return
                 trailers = []  # answered already: too late for a local response
         if self.proxy is not None and not self.proxy.done:
             self.proxy.body_end(trailers)
-        if self.phase == "body":
-            self.phase = "wait"
-            if not self.out:
-                self.deadline = None
-        if self.phase == "done" and self.h11.our_state is h11.DONE:
+        if self.phase is BODY:
+            self.body_complete()
+        if self.phase is DONE and self.h11.our_state is h11.DONE:
             self.next_cycle()
 
-    # -- answering ------------------------------------------------------------------
-
-    def respond_return(self, ret) -> None:
-        status, text = ret
-        if status in REDIRECTS or (text is None and status >= 300 and status != 304):
-            headers = [(b"Content-Type", b"text/html")]
-            if text is not None:
-                headers.append((b"Location", self.worker.absolute_url(text, self.state)))
-            self.respond(status, headers, error_page(status, self.settings.server_tokens))
-            return
-        body = self.worker.render_return(text, self.state) if text else b""
-        self.respond(status, [(b"Content-Type", b"text/plain")] if text else [], body)
-
-    def respond_error(self, status: int) -> None:
-        if self.answered:
-            self.abort()
-            return
-        if self.proxy is not None:
-            self.proxy = None
-        self.respond(status, [(b"Content-Type", b"text/html")], error_page(status, self.settings.server_tokens))
-
-    def send_local_reply(self, reply) -> None:
-        self.drop_proxy()
-        headers = [(n.lower(), v) for n, v in reply.headers
-                   if n.lower() not in (b"content-length", b"transfer-encoding")]
-        self.respond(reply.status, headers, reply.body, filters=False)
-
-    def respond(self, status: int, headers: list, body: bytes, filters: bool = True) -> None:
-        """A whole answer made here (return, error page, local reply): head, body, end."""
-        headers.append((b"Content-Length", str(len(body)).encode()))
-        if not self.send_response_head(status, headers, proxied=False, filters=filters,
-                                       end_of_stream=not body or self.is_head):
-            return
-        self.send_body(body)
-        self.end_response()
-
-    def send_response_head(self, status: int, headers: list, proxied: bool, filters: bool = True,
-                           end_of_stream: bool = False) -> bool:
-        """The header-filter phase, then the head on the wire. False: answered otherwise.
-
-        Server and Date go in first, so filters see them and may change or remove them;
-        an upstream's own Server and Date give way to ours, as in nginx.
-        """
-        if self.closed or self.answered:
-            return False
-        settings = self.settings
-        head = [(b"Server", server_header(settings.server_tokens)), (b"Date", self.worker.date.now())]
-        if proxied:
-            head.extend(h for h in headers if h[0] not in REPLACED_BY_GATEWAY)
-        else:
-            head.extend(headers)
-        if settings.add_header:
-            for add in settings.add_header:
-                if add.always or status in ADD_HEADER_STATUSES:
-                    head.append((add.name.encode("latin-1"), add.value.encode("latin-1")))
-        if filters and self.stream is not None:
-            self.state.status = status
-            reply = self.stream.on_response_headers(status, head, end_of_stream)
-            if reply is PAUSED:  # the body and the end queue up behind the head
-                self.hold_response(self.response_headers_filtered)
-                return True
-            return self.response_headers_filtered(reply)
-        return self.write_head(status, head, filtered=False)
-
-    def response_headers_filtered(self, reply) -> bool:
-        if reply is not None:
-            self.drop_proxy()
-            self.send_local_reply(reply)
-            return False
-        return self.write_head(self.stream.status, self.stream.response_headers, filtered=True)
-
-    def write_head(self, status: int, head: list, filtered: bool) -> bool:
-        settings = self.settings
-        self.body_filter = (filtered and self.stream.wants_response_body
-                            and not self.is_head and status not in NO_BODY_STATUSES)
-        if status in NO_BODY_STATUSES or self.body_filter:
-            # A filtered body may change length: it goes out chunked (close-delimited to 1.0).
-            head = [h for h in head if h[0].lower() not in (b"content-length", b"transfer-encoding")]
-        self.head_sent = True
-        self.response_status = status
-        self.state.status = status
-        self.state.response_headers = head
-        if not self.keepalive:
-            head.append((b"Connection", b"close"))
-        # Our own fields, h11-parsed upstream fields and what filters wrote (the wasm host
-        # refuses what HTTP/1.1 would) skip h11's re-validation; add_header's are checked.
-        trusted = not settings.add_header
-        try:
-            data = self.h11.send(h11.Response(status_code=status, headers=head, reason=reason(status),
-                                              _parsed=trusted))
-        except h11.LocalProtocolError as err:
-            self.worker.log.error(f"invalid response head ({err}), client: {self.remote_addr}")
-            self.head_sent = False
-            self.keepalive = False
-            self.drop_proxy()
-            self.respond(502, [(b"Content-Type", b"text/html")], error_page(502, settings.server_tokens),
-                         filters=False)
-            return False
-        self.state.bytes_sent += len(data)
-        self.out += data
-        return True
-
-    def hold_response(self, then) -> None:
-        """A response filter paused for a callout: what follows queues up until `then(result)` says go on.
-
-        The peer is not read meanwhile (see ProxyRequest.upstream_readable), so the
-        queue holds at most what one read brought; send_timeout bounds the wait.
-        """
-        self.held_response = []
-        self.worker.set_deadline(self, self.settings.send_timeout)
-
-        def released(result) -> None:
-            if self.closed or self.held_response is None:
-                return
-            queued, self.held_response = self.held_response, None
+    def body_complete(self) -> None:
+        """The whole request is in: nothing to wait for from the client until the answer is out."""
+        self.phase = WAIT
+        if not self.out:
             self.deadline = None
-            if not then(result):
-                return  # answered otherwise: what queued belongs to a response that is gone
-            for n, item in enumerate(queued):
-                if self.closed:
-                    return
-                if self.held_response is not None:  # held again (the end of the body)
-                    self.held_response[:0] = queued[n:]
-                    return
-                if type(item) is list:
-                    self.end_response(item)
-                else:
-                    self.send_body(item)
-            if self.closed:
-                return
-            if self.proxy is not None and not self.proxy.done:
-                self.proxy.resume_upstream()
-            elif self.phase == "body":
-                self.worker.set_deadline(self, self.settings.client_body_timeout)
-            self.flush()
 
-        self.stream.on_resume = released
+    def proxy_started(self) -> None:
+        if self.phase is BODY:
+            self.set_deadline(self.settings.client_body_timeout)
+        elif not self.out:
+            self.deadline = None
 
-    def send_body(self, data: bytes, end: bool = False) -> None:
-        if self.held_response is not None:
-            self.held_response.append(data)
-            return
-        if self.body_filter and self.stream is not None:
-            data = self.filter_response_body(data, end)
-        self.write_body(data)
+    # -- answering (the Downstream a ProxyRequest talks to) ------------------------
 
-    def write_body(self, data: bytes) -> None:
-        if self.closed or not data or self.is_head or self.response_status in NO_BODY_STATUSES:
-            return
-        try:
-            out = self.h11.send(h11.Data(data=data))
-        except h11.LocalProtocolError:
-            self.abort()
-            return
-        self.state.body_bytes_sent += len(data)
-        self.state.bytes_sent += len(out)
-        self.out += out  # written by end_response, or by the proxy after each read
+    def response_released(self) -> None:
+        """A held response went on: read its source again, and write what it queued."""
+        if self.proxy is not None and not self.proxy.done:
+            self.proxy.resume_upstream()
+        elif self.phase is BODY:
+            self.set_deadline(self.settings.client_body_timeout)
+        self.flush()
 
-    def filter_response_body(self, data: bytes, end: bool) -> bytes:
-        return self.response_body_filtered(self.stream.on_response_body(data, end))
+    # -- after the response -----------------------------------------------------------
 
-    def response_body_filtered(self, out) -> bytes:
-        if isinstance(out, LocalReply):
-            # The head is on the wire already: nothing to answer with but a cut connection.
-            self.worker.log.error(f"a filter answered {out.status} after the response head was sent, "
-                                  f"connection closed, client: {self.remote_addr}")
-            self.abort()
-            return b""
-        return out
-
-    def end_response(self, trailers=()) -> None:
-        """The response is complete: the body filters' end, the trailers, then the next request."""
-        if self.closed:
-            return
-        if self.held_response is not None:
-            self.held_response.append(list(trailers))
-            return
-        if self.body_filter and self.stream is not None:
-            out = self.stream.on_response_body(b"", True)
-            if out is PAUSED:  # the end of the body waits for a filter's callout
-                self.hold_response(lambda out: self.response_body_ended(out, trailers))
-                return
-            self.response_body_ended(out, trailers)
-        else:
-            self.finish_response(trailers)
-
-    def response_body_ended(self, out, trailers) -> bool:
-        self.write_body(self.response_body_filtered(out))
-        if not self.closed:
-            self.finish_response(trailers)
-        return not self.closed
-
-    def finish_response(self, trailers) -> None:
-        """The end of the message, with trailers where the framing carries them (chunked); then the next request."""
-        if trailers and self.stream is not None:
-            trailers = self.stream.on_response_trailers(trailers)
-            if isinstance(trailers, LocalReply):
-                self.response_body_filtered(trailers)  # too late to answer: the connection is cut
-                return
-        try:
-            self.out += self.h11.send(end_of_message(self.h11, trailers))
-        except h11.LocalProtocolError:
-            self.abort()
-            return
+    def response_done(self) -> None:
+        """The response's end is in `out`: log the request, then close or take the next one."""
         self.proxy = None
-        self.phase = "done"
+        self.phase = DONE
         self.finish_request()
         if self.h11.our_state is h11.MUST_CLOSE or not self.keepalive:
             self.flush()
@@ -759,15 +295,15 @@ class ClientConnection:
             return
         if self.h11.their_state is h11.DONE:
             self.next_cycle()
+        elif self.h11.they_are_waiting_for_100_continue:
+            # The client still holds a body we do not need and never asked for: close after the answer.
+            self.keepalive = False
+            self.flush()
+            if not self.out:
+                self.linger()
         else:
             # The client is still sending a body we do not need: read and drop it.
-            if self.h11.they_are_waiting_for_100_continue:
-                self.keepalive = False
-                self.flush()
-                if not self.out:
-                    self.linger()
-                return
-            self.worker.set_deadline(self, self.settings.client_body_timeout)
+            self.set_deadline(self.settings.client_body_timeout)
             self.flush()
 
     def next_cycle(self) -> None:
@@ -777,29 +313,30 @@ class ClientConnection:
             self.keepalive = False
             self.linger()
             return
-        self.phase = "head"
+        self.phase = HEAD
         self.pipelined = False
         self.flush()
         if self.closed:
             return
-        if self.worker.draining:
+        if self.server.draining:
             if not self.out:
                 self.close()
             else:
                 self.keepalive = False
             return
-        self.worker.set_deadline(self, self.settings.keepalive_timeout)
+        self.set_deadline(self.settings.keepalive_timeout)
         self.process()  # a pipelined request may be buffered already
 
     def finish_request(self) -> None:
+        """The log phase: filters' done/log/delete, then the access log line."""
         state = self.state
         if state is None:
             return
-        state.end_time = time.time()
+        state.end_time = time_now()
         if not state.status:
-            state.status = self.response_status
+            state.status = self.response.status
         self.stream_done()
-        self.worker.access_log(self.settings, state)
+        self.server.access_log(self.settings, state)
         self.state = None
 
     def stream_done(self) -> None:
@@ -814,67 +351,66 @@ class ClientConnection:
             return
         if self.out:
             try:
-                sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
+                sent = self.send_out()
             except OSError:
                 self.client_gone()
                 return
-            if sent:
-                del self.out[:sent]
-                self.worker.set_deadline(self, self.settings.send_timeout) if self.out else None
+            if sent and self.out:
+                self.set_deadline(self.settings.send_timeout)
         if not self.out:
             if self.on_drained is not None:
                 callback, self.on_drained = self.on_drained, None
                 callback()
-            if self.phase == "done" and (self.h11.our_state is h11.MUST_CLOSE or not self.keepalive):
+            if self.phase is DONE and (self.h11.our_state is h11.MUST_CLOSE or not self.keepalive):
                 self.linger()
                 return
-            if self.phase == "wait" and self.proxy is not None:
+            if self.phase is WAIT and self.proxy is not None:
                 self.deadline = None
         elif len(self.out) > HIGH_WATER and self.deadline is None:
-            self.worker.set_deadline(self, self.settings.send_timeout)
+            self.set_deadline(self.settings.send_timeout)
         self.update_interest()
 
     # -- endings ------------------------------------------------------------------------
 
     def on_timeout(self) -> None:
-        if self.phase == "paused" or self.held_response is not None:
-            what = "request" if self.phase == "paused" else "response"
-            self.worker.log.error(f"filters did not resume the {what} in time, client: {self.remote_addr}")
-            self.keepalive = False
-            self.phase = "wait"
-            self.held_response = None
-            if self.head_sent:
-                self.abort()
-                return
-            self.drop_proxy()
-            # Not through the response filters: the stream is still paused in one of its phases.
-            self.respond(504, [(b"Content-Type", b"text/html")], error_page(504, self.settings.server_tokens),
-                         filters=False)
+        if self.phase is PAUSED or self.response.held is not None:
+            self.filters_timed_out()
         elif self.out:
-            self.worker.log.info(f"client timed out (110: Connection timed out) while sending response "
-                                 f"to client, client: {self.remote_addr}")
+            self.log_timeout("sending response to client")
             self.abort()
-        elif self.phase == "body":
-            self.worker.log.info(f"client timed out (110: Connection timed out) while reading client "
-                                 f"request body, client: {self.remote_addr}")
-            self.keepalive = False
+        elif self.phase is BODY:
+            self.log_timeout("reading client request body")
             self.drop_proxy()
-            self.respond_error(408)
-        elif self.phase == "head" and self.requests == 0 or self.h11.their_state is not h11.IDLE:
+            self.refuse(408)
+        elif self.phase is HEAD and self.requests == 0 or self.h11.their_state is not h11.IDLE:
             if self.h11.trailing_data[0] or self.h11.their_state is not h11.IDLE:
-                self.worker.log.info(f"client timed out (110: Connection timed out) while reading "
-                                     f"client request headers, client: {self.remote_addr}")
+                self.log_timeout("reading client request headers")
             self.close()
         else:
             self.close()  # idle keep-alive connection, or lingering close
+
+    def log_timeout(self, doing: str) -> None:
+        self.server.log.info(f"client timed out (110: Connection timed out) while {doing}, "
+                             f"client: {self.remote_addr}")
+
+    def filters_timed_out(self) -> None:
+        what = "request" if self.phase is PAUSED else "response"
+        self.server.log.error(f"filters did not resume the {what} in time, client: {self.remote_addr}")
+        self.keepalive = False
+        self.phase = WAIT
+        self.response.held = None
+        if self.response.head_sent:
+            self.abort()
+            return
+        self.drop_proxy()
+        # Not through the response filters: the stream is still paused in one of its phases.
+        self.response.respond(504, [TEXT_HTML], error_page(504, self.settings.server_tokens), filters=False)
 
     def client_gone(self) -> None:
         """The client closed or reset: stop the upstream side, finish the filters, log 499."""
         self.drop_proxy()
         if self.state is not None:
-            if not self.head_sent:
+            if not self.response.head_sent:
                 self.state.status = 499
             self.finish_request()
         self.close()
@@ -892,6 +428,8 @@ class ClientConnection:
         self.finish_request()
         self.close()
 
+    fail = abort  # a bug met this connection: cut it, the worker serves on
+
     def linger(self) -> None:
         """Half-close and drain what the client still sends, so our answer is not reset."""
         if self.closed:
@@ -904,10 +442,10 @@ class ClientConnection:
         except OSError:
             self.close()
             return
-        self.phase = "linger"
+        self.phase = LINGER
         self.read_paused = False
-        self.worker.set_deadline(self, LINGER_TIME)
-        self.want(selectors.EVENT_READ)
+        self.set_deadline(LINGER_TIME)
+        self.want(EVENT_READ)
 
     def drain(self) -> None:
         """Graceful stop: idle keep-alive connections close now, the rest after one answer.
@@ -917,19 +455,13 @@ class ClientConnection:
         client_header_timeout), as nginx does.
         """
         self.keepalive = False
-        if self.phase == "head" and self.requests and not self.h11.trailing_data[0] \
+        if self.phase is HEAD and self.requests and not self.h11.trailing_data[0] \
                 and self.h11.their_state is h11.IDLE:
             self.close()
 
     def close(self) -> None:
         if self.closed:
             return
-        self.want(0)
-        self.closed = True
-        self.deadline = None
+        super().close()
         self.stream_done()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        self.worker.connection_closed(self)
+        self.server.connection_closed(self)

@@ -38,6 +38,8 @@ ADD_HEADER_STATUSES = frozenset({200, 201, 204, 206, 301, 302, 303, 304, 307, 30
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
+TEXT_HTML = (b"Content-Type", b"text/html")  # of every page made here
+
 
 def reason(status: int) -> bytes:
     return REASONS.get(status, b"")
@@ -50,13 +52,19 @@ def server_header(tokens: bool) -> bytes:
     return SERVER_WITH_VERSION if tokens else b"forkgw"
 
 
-def error_page(status: int, tokens: bool) -> bytes:
-    """nginx's built-in page for 3xx/4xx/5xx answers that carry no text of their own."""
-    title = f"{status} {reason(status).decode()}".strip()
+def error_page(status: int, tokens: bool, detail: str = "") -> bytes:
+    """nginx's built-in page for 3xx/4xx/5xx answers that carry no text of their own.
+
+    A `detail` is nginx's for its TLS-specific 400s ("The plain HTTP request was sent to
+    HTTPS port"): it titles the page and stands under the status line.
+    """
+    heading = f"{status} {reason(status).decode()}".strip()
+    title = f"{status} {detail}" if detail else heading
     server = server_header(tokens).decode()
+    extra = f"<center>{detail}</center>\r\n" if detail else ""
     return (
         f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
-        f"<center><h1>{title}</h1></center>\r\n<hr><center>{server}</center>\r\n"
+        f"<center><h1>{heading}</h1></center>\r\n{extra}<hr><center>{server}</center>\r\n"
         f"</body>\r\n</html>\r\n"
     ).encode()
 

@@ -97,6 +97,7 @@ class StreamInfo:
     protocol: str = "HTTP/1.1"
     scheme: str = "http"
     response_code: int = 0  # the worker updates it once the status is known
+    tls: object = None  # what the TLS handshake agreed on (net.tls.TlsTransport), or None
 
 
 _DEAD = object()  # this filter is out of the stream (VM failed or unavailable)

@@ -20,7 +20,12 @@ worker), request.path (path + query), request.url_path, request.host
 (:authority), request.scheme, request.method, request.protocol,
 request.query (after "?", without it), request.headers.<name>, request.id,
 request.time, response.code, response.headers.<name>, source.address,
-source.port, destination.address, destination.port, connection.id.
+source.port, destination.address, destination.port, connection.id; on a TLS
+connection also connection.mtls (one byte), connection.requested_server_name,
+connection.tls_version, connection.subject_peer_certificate,
+connection.subject_local_certificate, connection.dns_san_peer_certificate,
+connection.uri_san_peer_certificate and connection.sha256_peer_certificate_digest
+(the stream info's `tls`, which speaks for the transport; absent on plain HTTP).
 `request.*`/`response.*`/`source.*`/`destination.*`/`connection.*` are
 NotFound in a root context; `response.*` before the response headers are known.
 
@@ -120,9 +125,38 @@ def _builtin(ctx, segments: tuple[bytes, ...]) -> bytes | None:
         if attr == b"port":
             return _I64.pack(addr[1])
         return None
-    if head == b"connection" and attr == b"id":
-        return _U64.pack(info.connection_id)
+    if head == b"upstream" and attr == b"tls_version":
+        return getattr(info, "upstream_tls_version", "").encode() or None
+    if head == b"connection":
+        if attr == b"id":
+            return _U64.pack(info.connection_id)
+        return _connection_tls(getattr(info, "tls", None), attr)
     return None
+
+
+def _first(values: list[str]) -> bytes | None:
+    return values[0].encode() if values else None
+
+
+# connection.<attr> of a TLS connection, as Envoy names and encodes them (strings raw, bools one byte)
+_TLS = {
+    b"requested_server_name": lambda tls: tls.server_name.encode(),
+    b"tls_version": lambda tls: tls.version.encode(),
+    b"subject_peer_certificate": lambda tls: tls.peer_subject.encode() or None,
+    b"subject_local_certificate": lambda tls: tls.local_subject.encode() or None,
+    b"dns_san_peer_certificate": lambda tls: _first(tls.peer_sans("DNS")),
+    b"uri_san_peer_certificate": lambda tls: _first(tls.peer_sans("URI")),
+    b"sha256_peer_certificate_digest": lambda tls: tls.peer_digest("sha256").encode() or None,
+}
+
+
+def _connection_tls(tls, attr: bytes) -> bytes | None:
+    if attr == b"mtls":
+        return b"\x01" if tls is not None and tls.peer_certificate_der() else b"\x00"
+    read = _TLS.get(attr)
+    if read is None or tls is None:
+        return None
+    return read(tls)
 
 
 def _scratch(ctx) -> dict:

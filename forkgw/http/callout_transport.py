@@ -1,7 +1,8 @@
-"""HTTP callouts: requests a filter makes (proxy_http_call), run on the worker's loop.
+"""The transport of HTTP callouts: the requests a filter makes (proxy_http_call), on the loop.
 
-A callout is a ProxyRequest whose "client" is a `Callout` collecting the
-response in memory instead of a socket writing it out, so callouts share the
+The ABI side (tokens, proxy_on_http_call_response) is the wasm host's; this
+is the network side.  A callout is a ProxyRequest whose downstream is a
+`Callout` collecting the response in memory instead of a socket writing it out, so callouts share the
 proxy's balancing, keep-alive pools, passive health and timeouts.  The target
 names an `upstream` block (Envoy's cluster model) or is a literal
 `host:port`; the whole exchange is bounded by the filter's timeout, and the
@@ -18,7 +19,7 @@ import h11
 
 from forkgw.conf.model import Settings, Upstream, UpstreamServer
 from forkgw.http.messages import split_pseudo
-from forkgw.http.upstream import ProxyRequest
+from forkgw.http.proxy import ProxyRequest
 
 MAX_CALLOUT_BODY = 16 * 1024 * 1024
 
@@ -32,16 +33,17 @@ class CalloutResult:
 
 
 class Callout:
-    """Stands where a client connection stands for a ProxyRequest, and keeps the answer."""
+    """Stands where a client connection stands for a ProxyRequest (a Downstream), and is its
+    own ResponseSink: the answer is kept in memory."""
 
     closed = False
     remote_addr = "callout"
     state = None
     on_drained = None
-    held_response = None
+    held = None  # nothing holds a callout's response
 
-    def __init__(self, worker, on_done: Callable[[CalloutResult | None], None]):
-        self.worker = worker
+    def __init__(self, log, on_done: Callable[[CalloutResult | None], None]):
+        self.log = log
         self.on_done = on_done
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -50,13 +52,14 @@ class Callout:
         self.deadline = None
         self.timer_at = 0.0
         self.timer_queued = False
+        self.response = self
 
     def finish(self, result: CalloutResult | None) -> None:
         if self.closed:
             return
         self.closed = True
         self.deadline = None
-        self.proxy = None  # break the cycle with the ProxyRequest: no garbage-collector pauses
+        self.proxy = self.response = None  # break the cycles: no garbage-collector pauses
         callback, self.on_done = self.on_done, None
         callback(result)
 
@@ -73,7 +76,7 @@ class Callout:
     def flush(self) -> None:
         pass
 
-    def send_response_head(self, status: int, headers, proxied: bool, end_of_stream: bool = False) -> bool:
+    def send_head(self, status: int, headers, proxied: bool, end_of_stream: bool = False) -> bool:
         self.status, self.headers = status, headers
         return True
 
@@ -82,10 +85,10 @@ class Callout:
         if len(self.body) > MAX_CALLOUT_BODY:
             self.abort()
 
-    def end_response(self, trailers=()) -> None:
+    def end(self, trailers=()) -> None:
         self.finish(CalloutResult(self.status, self.headers, bytes(self.body), list(trailers)))
 
-    def respond_error(self, status: int) -> None:
+    def error(self, status: int) -> None:
         self.finish(None)
 
     def abort(self) -> None:
@@ -94,16 +97,18 @@ class Callout:
         self.finish(None)
 
     def on_timeout(self) -> None:
-        self.worker.log.warn("http callout timed out")
+        self.log.warn("http callout timed out")
         self.abort()
 
+    fail = abort  # a bug met the exchange: the filter hears of a failure
 
-def callout_upstream(worker, target: str) -> Upstream | None:
+
+def callout_upstream(server, target: str) -> Upstream | None:
     """An upstream block by name, or an implicit one for a literal host:port."""
-    upstreams = worker.upstreams
+    upstreams = server.upstreams
     if target in upstreams:
         return upstreams[target]
-    cached = worker.callout_upstreams.get(target)
+    cached = server.callout_upstreams.get(target)
     if cached is not None:
         return cached
     host, _, port = target.rpartition(":")
@@ -115,15 +120,24 @@ def callout_upstream(worker, target: str) -> Upstream | None:
     except (socket.gaierror, UnicodeError):
         return None  # names would need a blocking lookup on the loop: upstream blocks only
     upstream = Upstream(name=target, servers=[UpstreamServer(host, int(port))], keepalive=8)
-    worker.callout_upstreams[target] = upstream
+    server.callout_upstreams[target] = upstream
     return upstream
 
 
-def dispatch(worker, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+def dispatch(server, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
              timeout: float, on_done: Callable[[CalloutResult | None], None]) -> bool:
-    """Start a callout; False when the target is unknown (the filter gets BadArgument)."""
-    upstream = callout_upstream(worker, target)
-    if upstream is None:
+    """Start a callout; False when the target is unknown (the filter gets BadArgument).
+
+    A target written `https://NAME` speaks TLS, verified with the http level's proxy_ssl_*
+    settings (Http.callout_tls), the name being NAME's host.
+    """
+    tls = None
+    if target.startswith("https://"):
+        target = target[len("https://"):]
+        host = target.rpartition(":")[0] if target.count(":") == 1 else target
+        tls = (server.http.callout_tls, host.strip("[]") or target)
+    upstream = callout_upstream(server, target)
+    if upstream is None or tls is not None and tls[0] is None:
         return False
     method, path, authority, rest = split_pseudo(headers, b"GET", b"/")
     rest = [h for h in rest if h[0] not in (b"content-length", b"transfer-encoding")]
@@ -133,9 +147,10 @@ def dispatch(worker, target: str, headers: list[tuple[bytes, bytes]], body: byte
     request = h11.Request(method=method, target=path, headers=rest)
     settings = replace(Settings(), proxy_connect_timeout=timeout, proxy_read_timeout=timeout,
                        proxy_send_timeout=timeout)
-    callout = Callout(worker, on_done)
-    proxy = callout.proxy = ProxyRequest(callout, upstream, request, settings, has_body=bool(body))
-    worker.set_deadline(callout, timeout)
+    callout = Callout(server.log, on_done)
+    proxy = callout.proxy = ProxyRequest(callout, server, upstream, request, settings, has_body=bool(body),
+                                         tls=tls)
+    server.loop.set_deadline(callout, timeout)
     proxy.start()
     if body and not callout.closed:
         proxy.body_data(body)

@@ -1,0 +1,1 @@
+"""The layer under HTTP: the event loop and the connection base every side shares."""

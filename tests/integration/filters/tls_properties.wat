@@ -1,0 +1,57 @@
+;; Response-headers phase: reads Envoy's TLS connection properties with
+;; proxy_get_property and reports each string as a response header (NotFound:
+;; no header), and upstream.tls_version; connection.mtls, one byte, is
+;; reported as "0" or "1".
+;; Layout: out-params at 0x10 (ptr) and 0x14 (size), the digit at 0x20,
+;; paths from 0x1000, header names from 0x1400, heap from 0x8000.
+(module
+  (import "env" "proxy_get_property" (func $get_property (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 0x8000))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $ptr i32)
+    (local.set $ptr (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (i32.and (i32.add (local.get $size) (i32.const 7)) (i32.const -8))))
+    (local.get $ptr))
+  (func (export "proxy_on_context_create") (param i32 i32))
+
+  (data (i32.const 0x1000) "connection\00requested_server_name")
+  (data (i32.const 0x1040) "connection\00tls_version")
+  (data (i32.const 0x1080) "connection\00subject_peer_certificate")
+  (data (i32.const 0x10c0) "connection\00subject_local_certificate")
+  (data (i32.const 0x1100) "connection\00dns_san_peer_certificate")
+  (data (i32.const 0x1140) "connection\00sha256_peer_certificate_digest")
+  (data (i32.const 0x1180) "request\00scheme")
+  (data (i32.const 0x11c0) "connection\00mtls")
+  (data (i32.const 0x1200) "upstream\00tls_version")
+  (data (i32.const 0x1400) "x-sni")
+  (data (i32.const 0x1410) "x-tls-version")
+  (data (i32.const 0x1420) "x-peer-subject")
+  (data (i32.const 0x1440) "x-local-subject")
+  (data (i32.const 0x1460) "x-peer-dns-san")
+  (data (i32.const 0x1480) "x-peer-sha256")
+  (data (i32.const 0x14a0) "x-scheme")
+  (data (i32.const 0x14c0) "x-mtls")
+  (data (i32.const 0x14e0) "x-upstream-tls")
+
+  (func $report (param $path i32) (param $plen i32) (param $name i32) (param $nlen i32)
+    (if (i32.eqz (call $get_property (local.get $path) (local.get $plen) (i32.const 0x10) (i32.const 0x14)))
+      (then (drop (call $add_header (i32.const 2) (local.get $name) (local.get $nlen)
+                                    (i32.load (i32.const 0x10)) (i32.load (i32.const 0x14)))))))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (global.set $heap (i32.const 0x8000))
+    (call $report (i32.const 0x1000) (i32.const 32) (i32.const 0x1400) (i32.const 5))
+    (call $report (i32.const 0x1040) (i32.const 22) (i32.const 0x1410) (i32.const 13))
+    (call $report (i32.const 0x1080) (i32.const 35) (i32.const 0x1420) (i32.const 14))
+    (call $report (i32.const 0x10c0) (i32.const 36) (i32.const 0x1440) (i32.const 15))
+    (call $report (i32.const 0x1100) (i32.const 35) (i32.const 0x1460) (i32.const 14))
+    (call $report (i32.const 0x1140) (i32.const 41) (i32.const 0x1480) (i32.const 13))
+    (call $report (i32.const 0x1180) (i32.const 14) (i32.const 0x14a0) (i32.const 8))
+    (call $report (i32.const 0x1200) (i32.const 20) (i32.const 0x14e0) (i32.const 14))
+    (if (i32.eqz (call $get_property (i32.const 0x11c0) (i32.const 15) (i32.const 0x10) (i32.const 0x14)))
+      (then
+        (i32.store8 (i32.const 0x20) (i32.add (i32.const 0x30) (i32.load8_u (i32.load (i32.const 0x10)))))
+        (drop (call $add_header (i32.const 2) (i32.const 0x14c0) (i32.const 6) (i32.const 0x20) (i32.const 1)))))
+    (i32.const 0)))
