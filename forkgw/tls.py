@@ -120,6 +120,8 @@ def server_context(server: Server, listen_where: str) -> ssl.SSLContext:
                         server.where) from None
     if s.ssl_prefer_server_ciphers:
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:  # Python's server contexts prefer their own order unless told not to; nginx's default is off
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     if not s.ssl_session_tickets:
         context.options |= ssl.OP_NO_TICKET
     context.options |= ssl.OP_NO_RENEGOTIATION

@@ -16,6 +16,17 @@ Why it is built this way:
   share of forkgw's measured req/s, so that every server sustains it) to
   forkgw, nginx and the bare h11 loop in turn, and the p99 ratios are taken
   from those runs.
+- TLS modes: forkgw and nginx serve the same throwaway ECDSA P-256
+  certificate, nginx with forkgw's default `ssl_protocols` and `ssl_ciphers`
+  spelled out (nginx 1.22's own defaults leave out TLS 1.3).  "tls-return" is
+  wrk over https on keep-alive connections; "tls-handshake" is one request
+  per connection, each a full handshake.  wrk cannot load that one: with
+  `Connection: close` it still resumes its previous session on every new
+  connection (it `SSL_clear`s and reuses its SSL objects; the servers'
+  `$ssl_session_reused` says "r" for nearly all), so it is loaded with
+  `hey -disable-keepalive`, whose Go client keeps no session cache.  Before
+  loading, a short hey burst to a logged location proves that none of its
+  sessions was resumed.
 - Every server starts in its own session and is killed as a group at the end,
   whatever happens.
 
@@ -23,6 +34,7 @@ Why it is built this way:
     python scripts/bench.py --duration 2 --rounds 2 --modes forkgw-return,h11-return
     python scripts/bench.py --json bench.json --profile forkgw-return
     python scripts/bench.py --fixed-rate-share 0    # skip the equal-throughput latency runs
+    python scripts/bench.py --modes forkgw-return,forkgw-tls-return,forkgw-tls-handshake,nginx-tls-handshake
 """
 
 from __future__ import annotations
@@ -37,11 +49,13 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +79,8 @@ class Mode:
     absent_headers: tuple = ()
     expect_body: bytes | None = None
     denied_without_token: bool = False  # proves the auth filter runs: 401 without the header
+    tls: bool = False  # https on that port
+    handshake: bool = False  # one request per connection, a full TLS handshake each (hey, not wrk)
 
 
 MODES = [
@@ -82,6 +98,11 @@ MODES = [
     Mode("forkgw-proxy", "forkgw proxy_pass", "forkgw-proxy", proxy=True, expect_body=b"ok"),
     Mode("forkgw-proxy-filter", "forkgw proxy_pass + add_header", "forkgw-proxy-filter", proxy=True,
          expect_body=b"ok", expect_headers={"hello": "add_header"}),
+    Mode("nginx-tls-return", "nginx return 200 over TLS, keep-alive", "nginx", "tls", tls=True),
+    Mode("forkgw-tls-return", "forkgw return 200 over TLS, keep-alive", "forkgw-tls", tls=True),
+    Mode("nginx-tls-handshake", "nginx full TLS handshake per request", "nginx", "tls", tls=True, handshake=True),
+    Mode("forkgw-tls-handshake", "forkgw full TLS handshake per request", "forkgw-tls", tls=True,
+         handshake=True),
 ]
 MODE = {m.name: m for m in MODES}
 
@@ -129,11 +150,13 @@ class Server:
     """One server's process group: started in its own session, killed as a whole."""
 
     def __init__(self, name: str, argv: list[str], workdir: Path, ports: dict[str, int],
-                 stop_signal: int = signal.SIGTERM, env: dict | None = None, ready_log: tuple | None = None):
+                 stop_signal: int = signal.SIGTERM, env: dict | None = None, ready_log: tuple | None = None,
+                 tls_ports: tuple = ()):
         self.name = name
         self.argv = argv
         self.workdir = workdir
         self.ports = ports
+        self.tls_ports = tls_ports  # keys of `ports` that speak TLS
         self.stop_signal = stop_signal
         self.env = env
         self.ready_log = ready_log  # (path, text): wait for this line too (all workers up)
@@ -148,12 +171,12 @@ class Server:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        for port in self.ports.values():
+        for key, port in self.ports.items():
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
                 try:
-                    status, _, _ = get(port, "/")
+                    status, _, _ = get(port, "/", tls=key in self.tls_ports)
                     if status:
                         break
                 except OSError:
@@ -213,8 +236,13 @@ class Server:
             self.proc.wait(5)
 
 
-def get(port: int, path: str, timeout: float = 2.0, token: bool = True) -> tuple[int, dict, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def get(port: int, path: str, timeout: float = 2.0, token: bool = True,
+        tls: bool = False) -> tuple[int, dict, bytes]:
+    if tls:  # the certificate is our throwaway one: not verified
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                           context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"} if token else {})
         resp = conn.getresponse()
@@ -267,7 +295,15 @@ FORKGW = {
     "forkgw-chain": ("return 200;", CHAIN),
     "forkgw-proxy": ("proxy_pass http://backend;", ""),
     "forkgw-proxy-filter": ("proxy_pass http://backend;", ADD_HEADER),
+    "forkgw-tls": ("return 200;", ""),
 }
+
+# TLS: forkgw's defaults, spelled out for nginx; a location that logs whether each session was resumed.
+NGINX_TLS = ("ssl_certificate {cert}; ssl_certificate_key {key}; "
+             "ssl_protocols TLSv1.2 TLSv1.3; ssl_ciphers HIGH:!aNULL:!MD5;")
+REUSED_FORMAT = "    log_format reused '$ssl_session_reused $ssl_protocol $ssl_cipher';\n"
+REUSED_PATH = "/reused"
+REUSED_LOCATION = f"location {REUSED_PATH} {{{{ access_log {{log}} reused; return 200; }}}}"
 
 WSGI_APP = '''\
 def app(environ, start_response):
@@ -286,6 +322,20 @@ class Lab:
         self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         self.backend_port: int | None = None
+        self.cert: tuple[Path, Path] | None = None
+
+    def certificate(self) -> tuple[Path, Path]:
+        """The throwaway ECDSA P-256 certificate every TLS server uses: (cert, key)."""
+        if self.cert is None:
+            folder = self.dir("certs")
+            cert, key = folder / "bench.pem", folder / "bench.key"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                            "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                            "-keyout", str(key), "-out", str(cert)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.cert = cert, key
+        return self.cert
 
     def dir(self, name: str) -> Path:
         path = self.root / name
@@ -310,9 +360,15 @@ class Lab:
                         f"    upstream backend {{ server 127.0.0.1:{self.backend_port}; keepalive 32; }}\n"
                         f"    server {{ listen 127.0.0.1:{ports['proxy']}; location / {{ proxy_pass http://backend; "
                         'proxy_http_version 1.1; proxy_set_header Connection ""; } }')
-                self.add_nginx("nginx", ports, workers=2, body="\n".join(blocks))
+                if "tls" in ports:
+                    cert, key = self.certificate()
+                    reused = REUSED_LOCATION.format(log=self.root / "nginx" / "reused.log")
+                    blocks.append(REUSED_FORMAT + f"    server {{ listen 127.0.0.1:{ports['tls']} ssl; "
+                                  + NGINX_TLS.format(cert=cert, key=key)
+                                  + f"\n        location / {{ return 200; }} {reused} }}")
+                self.add_nginx("nginx", ports, workers=2, body="\n".join(blocks), tls_ports=("tls",))
             elif name.startswith("forkgw-"):
-                self.add_forkgw(name)
+                self.add_forkgw(name, tls=any(m.tls for m in modes if m.server == name))
             elif name.startswith("h11-"):
                 port = free_port()
                 argv = [sys.executable, str(REPO / "scripts" / "h11_baseline.py"), "--port", str(port),
@@ -333,14 +389,14 @@ class Lab:
                 self.servers[name] = Server(name, argv, workdir, {"port": port}, stop_signal=signal.SIGINT)
         return list(self.servers.values())
 
-    def add_nginx(self, name: str, ports: dict, workers: int, body: str) -> None:
+    def add_nginx(self, name: str, ports: dict, workers: int, body: str, tls_ports: tuple = ()) -> None:
         workdir = self.dir(name)
         conf = workdir / "nginx.conf"
         conf.write_text(NGINX_MAIN.format(workers=workers, dir=workdir, body=body))
         argv = [self.nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")]
-        self.servers[name] = Server(name, argv, workdir, ports)
+        self.servers[name] = Server(name, argv, workdir, ports, tls_ports=tls_ports)
 
-    def add_forkgw(self, name: str) -> None:
+    def add_forkgw(self, name: str, tls: bool = False) -> None:
         workdir = self.dir(name)
         (workdir / "conf").mkdir(exist_ok=True)
         (workdir / "logs").mkdir(exist_ok=True)
@@ -351,11 +407,25 @@ class Lab:
         body = ""
         if "proxy_pass" in action:
             body += f"    upstream backend {{ server 127.0.0.1:{self.backend_port}; keepalive 32; }}\n"
-        body += f"    server {{\n        listen 127.0.0.1:{port};\n        location / {{ {action} {filters} }}\n    }}"
+        if tls:  # nothing but the certificate: forkgw's default protocols and ciphers
+            cert, key = self.certificate()
+            body += (REUSED_FORMAT + f"    server {{\n        listen 127.0.0.1:{port} ssl;\n"
+                     f"        ssl_certificate {cert};\n        ssl_certificate_key {key};\n"
+                     f"        location / {{ {action} {filters} }}\n"
+                     f"        {REUSED_LOCATION.format(log=workdir / 'logs' / 'reused.log')}\n    }}")
+        else:
+            body += (f"    server {{\n        listen 127.0.0.1:{port};\n"
+                     f"        location / {{ {action} {filters} }}\n    }}")
         (workdir / "conf" / "gateway.conf").write_text(FORKGW_MAIN.format(dir=workdir, wasm=wasm, body=body))
         argv = [sys.executable, "-m", "forkgw", "-p", str(workdir), "-c", "conf/gateway.conf"]
         self.servers[name] = Server(name, argv, workdir, {"port": port}, env=self.env,
-                                    ready_log=(workdir / "logs" / "error.log", "generation 1 serving"))
+                                    ready_log=(workdir / "logs" / "error.log", "generation 1 serving"),
+                                    tls_ports=("port",) if tls else ())
+
+    def reused_log(self, server: str) -> Path:
+        """Where a TLS server logs $ssl_session_reused for REUSED_PATH."""
+        workdir = self.servers[server].workdir
+        return workdir / "reused.log" if server == "nginx" else workdir / "logs" / "reused.log"
 
     def stop_all(self) -> None:
         for server in reversed(list(self.servers.values())):
@@ -387,14 +457,17 @@ def parse_wrk(text: str) -> dict:
 
 
 def parse_hey(text: str) -> dict:
-    out = {"rps": 0.0, "p50_ms": None, "p99_ms": None, "non2xx": 0}
+    out = {"requests": 0, "rps": 0.0, "p50_ms": None, "p99_ms": None, "errors": 0, "non2xx": 0}
     if m := re.search(r"Requests/sec:\s+([\d.]+)", text):
         out["rps"] = float(m.group(1))
     for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
         if m := re.search(rf"^\s+{pct}% in ([\d.]+) secs", text, re.M):
             out[key] = float(m.group(1)) * 1000
-    out["non2xx"] = sum(int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", text)
-                        if not code.startswith("2"))
+    statuses = re.findall(r"\[(\d+)\]\s+(\d+) responses", text)
+    out["requests"] = sum(int(n) for _, n in statuses)
+    out["non2xx"] = sum(int(n) for code, n in statuses if not code.startswith("2"))
+    _, _, failures = text.partition("Error distribution:")
+    out["errors"] = sum(int(n) for n in re.findall(r"^\s+\[(\d+)\]\s", failures, re.M))
     return out
 
 
@@ -474,15 +547,28 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_wrk(args, port: int, duration: float, server: Server, backend: Server | None) -> dict:
+def run_mode(args, lab, mode: Mode, duration: float) -> dict:
+    """One load run: wrk, or for the full-handshake modes hey with a new connection per request."""
+    server = lab.servers[mode.server]
+    url = f"{'https' if mode.tls else 'http'}://127.0.0.1:{server.ports[mode.port]}/"
+    auth = ["-H", f"Authorization: Bearer {TOKEN}"]
+    if mode.handshake:
+        cmd = ["hey", "-z", f"{duration:g}s", "-c", str(args.connections), "-t", "5", "-disable-keepalive",
+               *auth, url]
+        return run_load(cmd, parse_hey, duration, server, None)
     cmd = ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{duration:g}s", "--latency",
-           "--timeout", "5s", "-H", f"Authorization: Bearer {TOKEN}", f"http://127.0.0.1:{port}/"]
+           "--timeout", "5s", *auth, url]
+    return run_load(cmd, parse_wrk, duration, server, lab.servers.get("backend") if mode.proxy else None)
+
+
+def run_load(cmd: list[str], parse, duration: float, server: Server, backend: Server | None) -> dict:
+    """Run the load generator; its numbers, and the CPU the server, its backend, the generator and the rest used."""
     s0, b0, m0, w0 = server.cpu_ticks(), backend.cpu_ticks() if backend else {}, machine_busy(), children_cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     s1, b1, m1, w1 = server.cpu_ticks(), backend.cpu_ticks() if backend else {}, machine_busy(), children_cpu()
-    result = parse_wrk(proc.stdout)
+    result = parse(proc.stdout)
     if proc.returncode != 0 or not result["requests"]:
-        result["error"] = (proc.stderr or proc.stdout).strip()[-300:] or f"wrk exited {proc.returncode}"
+        result["error"] = (proc.stderr or proc.stdout).strip()[-300:] or f"{cmd[0]} exited {proc.returncode}"
     per_pid = {pid: t - s0.get(pid, 0) for pid, t in s1.items()}
     server_s, backend_s = sum(per_pid.values()) / CLK_TCK, (sum(b1.values()) - sum(b0.values())) / CLK_TCK
     busy = sorted(per_pid.values(), reverse=True)
@@ -525,7 +611,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def ratios(med: dict) -> list[dict]:
-    """The comparisons issue 6 sets targets for (only those whose modes ran)."""
+    """The comparisons the issues set targets for, and a few beside them (only those whose modes ran)."""
     rows = []
 
     def val(mode, key):
@@ -557,6 +643,12 @@ def ratios(med: dict) -> list[dict]:
     ratio("p99 forkgw return / nginx return (saturated)", "forkgw-return", "nginx-return", "p99_ms")
     ratio("p99 forkgw proxy / nginx proxy (saturated)", "forkgw-proxy", "nginx-proxy", "p99_ms")
     ratio("bare h11 return / nginx return", "h11-return", "nginx-return")
+    ratio("forkgw TLS keep-alive return / forkgw plain return", "forkgw-tls-return", "forkgw-return", target=0.75)
+    ratio("forkgw TLS keep-alive return / nginx TLS keep-alive", "forkgw-tls-return", "nginx-tls-return")
+    ratio("nginx TLS keep-alive return / nginx plain return", "nginx-tls-return", "nginx-return")
+    ratio("forkgw full TLS handshakes/s / nginx's", "forkgw-tls-handshake", "nginx-tls-handshake", target=0.5)
+    ratio("server CPU per full handshake, forkgw / nginx", "forkgw-tls-handshake", "nginx-tls-handshake",
+          "server_cpu_us", sense="<=")
     for row in rows:
         t = row["target"]
         row["ok"] = None if t is None else (row["value"] >= t if row["sense"] == ">=" else row["value"] <= t)
@@ -592,6 +684,9 @@ def print_table(modes: list[Mode], med: dict, errors: dict) -> None:
         print(line.format(*r))
     print(f"* µs/req = {ncpus()} cores x 1e6 / req/s (CPU-saturated estimate, includes wrk's share); "
           "server CPU = the server's process group only, measured from /proc")
+    if any(m.handshake for m in modes):
+        print("  full-handshake modes: hey -disable-keepalive, a new connection and a full handshake per request "
+              "(no resumption, checked), so req/s = handshakes/s and µs/req includes hey's share")
 
 
 def print_ratios(rows: list[dict]) -> None:
@@ -623,8 +718,7 @@ def profile(args, lab: Lab, mode: Mode, out_dir: Path) -> dict:
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         time.sleep(1.0)
-        backend = lab.servers.get("backend") if mode.proxy else None
-        result = run_wrk(args, server.ports[mode.port], duration, server, backend)
+        result = run_mode(args, lab, mode, duration)
         _, err = spy.communicate(timeout=60)
     finally:
         if spy.poll() is None:
@@ -681,6 +775,8 @@ def ensure_tools(modes: list[Mode]) -> None:
         apt.append("wrk")
     if not shutil.which("hey"):
         apt.append("hey")
+    if any(m.tls for m in modes) and not shutil.which("openssl"):
+        apt.append("openssl")
     if apt:
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -697,7 +793,7 @@ def ensure_tools(modes: list[Mode]) -> None:
 def check(mode: Mode, port: int) -> str | None:
     """Why the mode does not answer as it should (a fast wrong answer is no result), or None."""
     try:
-        status, headers, body = get(port, "/")
+        status, headers, body = get(port, "/", tls=mode.tls)
     except OSError as err:
         return f"request failed: {err}"
     if status != 200:
@@ -712,12 +808,40 @@ def check(mode: Mode, port: int) -> str | None:
         return f"body {body[:80]!r}, expected {mode.expect_body!r}"
     if mode.denied_without_token:
         try:
-            status, _, _ = get(port, "/", token=False)
+            status, _, _ = get(port, "/", token=False, tls=mode.tls)
         except OSError as err:
             return f"request without a token failed: {err}"
         if status != 401:
             return f"status {status} without a token, expected 401"
     return None
+
+
+def check_full_handshakes(lab: Lab, mode: Mode, requests: int = 100) -> tuple[str | None, str]:
+    """(why not, what was seen): were a burst of the mode's client connections all full handshakes?
+
+    The same client as the runs (hey, no keep-alive) asks REUSED_PATH, where the server logs
+    $ssl_session_reused ("r" resumed, "." full handshake), the protocol and the cipher.
+    """
+    log = lab.reused_log(mode.server)
+    before = len(log.read_text().splitlines()) if log.exists() else 0
+    url = f"https://127.0.0.1:{lab.servers[mode.server].ports[mode.port]}{REUSED_PATH}"
+    proc = subprocess.run(["hey", "-n", str(requests), "-c", "4", "-disable-keepalive", url],
+                          capture_output=True, text=True, timeout=60)
+    deadline = time.monotonic() + 5  # forkgw flushes its access log once a second
+    while True:
+        lines = (log.read_text().splitlines() if log.exists() else [])[before:]
+        if len(lines) >= requests or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if not lines:
+        return f"no request logged in {log} (hey: {(proc.stderr or proc.stdout).strip()[-200:]})", ""
+    reused = sum(line.startswith("r") for line in lines)
+    agreed = ", ".join(f"{n} {what}" for what, n in Counter(line.split(" ", 1)[-1] for line in lines).items())
+    seen = (f"{len(lines) - reused} of {len(lines)} connections were full handshakes "
+            f"($ssl_session_reused; {agreed})")
+    if reused:
+        return f"{reused} of {len(lines)} connections resumed a session: not full handshakes", seen
+    return None, seen
 
 
 def log_problems(server: Server) -> list[str]:
@@ -779,27 +903,29 @@ def main() -> int:
             server.wait_ready()
             server.rss_start = server.rss()
         live = []
+        report["full_handshakes"] = {}
         for m in modes:
             why = check(m, lab.servers[m.server].ports[m.port])
+            if not why and m.handshake:
+                why, seen = check_full_handshakes(lab, m)
+                report["full_handshakes"][m.name] = seen
+                print(f"{m.name}: {seen or why}", file=sys.stderr)
             if why:
                 report["errors"][m.name] = why
                 print(f"skipping {m.name}: {why}", file=sys.stderr)
             else:
                 live.append(m)
-        backend = lab.servers.get("backend")
         total = len(live) * (args.rounds * (args.duration + 1) + args.warmup + 1)
         print(f"{len(live)} modes x {args.rounds} rounds x {args.duration:g}s, wrk -t{args.threads} "
               f"-c{args.connections}, {ncpus()} cpus, load {report['machine']['loadavg']}; ~{total:.0f}s",
               file=sys.stderr)
         if args.warmup > 0:
             for m in live:
-                s = lab.servers[m.server]
-                run_wrk(args, s.ports[m.port], args.warmup, s, backend if m.proxy else None)
+                run_mode(args, lab, m, args.warmup)
         for rnd in range(args.rounds):
             for m in live:
                 time.sleep(1.0)  # let the previous run's connections close
-                s = lab.servers[m.server]
-                r = run_wrk(args, s.ports[m.port], args.duration, s, backend if m.proxy else None)
+                r = run_mode(args, lab, m, args.duration)
                 r["round"] = rnd + 1
                 report["runs"][m.name].append(r)
                 print(f"  round {rnd + 1} {m.name:<20} {r['rps']:>10,.0f} req/s  p99 {fmt(r['p99_ms'], '.2f')} ms"

@@ -10,6 +10,10 @@ the `Timed` protocol: it keeps one `deadline` (None: no timer), and the heap
 entry it was queued under (`timer_at`, `timer_queued`).  Moving a deadline
 later costs nothing (the old entry is skipped, then requeued, when it comes
 up); clearing it is `obj.deadline = None`.  No entry is ever searched for.
+Dead entries would keep their objects (a closed connection and its buffers)
+alive until their time came, so memory would follow connection rate times
+timeout: when the heap has doubled since it was last compacted, the entries
+of cleared deadlines are dropped in one pass (amortized O(1) per timer).
 
 `now` is the monotonic time read once per turn, before handlers run: what a
 handler measures against it is at most one turn stale, and it saves a system
@@ -35,12 +39,16 @@ class Timed(Protocol):
     def on_timeout(self) -> None: ...
 
 
+COMPACT_MIN = 1024  # heap entries below which dead ones are left to expire
+
+
 class Loop:
-    __slots__ = ("selector", "timers", "seq", "now", "on_failure")
+    __slots__ = ("selector", "timers", "seq", "now", "on_failure", "compact_at")
 
     def __init__(self, on_failure: Callable[[object], None]):
         self.selector = selectors.DefaultSelector()
         self.timers: list = []
+        self.compact_at = COMPACT_MIN
         self.seq = itertools.count()
         self.now = time.monotonic()
         self.on_failure = on_failure
@@ -55,6 +63,23 @@ class Loop:
         obj.timer_at = deadline
         obj.timer_queued = True
         heapq.heappush(self.timers, (deadline, next(self.seq), obj))
+        if len(self.timers) >= self.compact_at:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the entries whose object no longer waits for them (moved or cleared deadlines)."""
+        live = []
+        for entry in self.timers:
+            obj = entry[2]
+            if obj.timer_at != entry[0]:
+                continue  # a later entry of the same object stands for it
+            if obj.deadline is None:
+                obj.timer_queued = False
+                continue
+            live.append(entry)
+        heapq.heapify(live)
+        self.timers = live
+        self.compact_at = max(COMPACT_MIN, 2 * len(live))
 
     def next_timer(self) -> float | None:
         return self.timers[0][0] if self.timers else None
@@ -68,9 +93,8 @@ class Loop:
                 key.data(mask)
             except Exception:
                 self.on_failure(key.data)
-        timers = self.timers
-        while timers and timers[0][0] <= now:
-            deadline, _, obj = heapq.heappop(timers)
+        while self.timers and self.timers[0][0] <= now:  # (a timeout may queue, and so compact)
+            deadline, _, obj = heapq.heappop(self.timers)
             if obj.timer_at != deadline:
                 continue
             obj.timer_queued = False

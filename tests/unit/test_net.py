@@ -451,3 +451,35 @@ def test_close_resets_the_handlers_and_the_wakeup_fd(inbox):
     assert signal.set_wakeup_fd(-1) == -1
     assert all(signal.getsignal(sig) == signal.SIG_DFL for sig in SIGNALS)
     assert inbox.wake.fileno() == -1
+
+
+def test_cleared_deadlines_do_not_keep_their_objects_alive():
+    """Connections that closed (deadline cleared) leave the heap once it has grown: memory
+    follows the live timers, not connection rate times timeout."""
+    import gc
+    import weakref
+
+    class Conn:
+        def __init__(self):
+            self.deadline, self.timer_at, self.timer_queued, self.fired = None, 0.0, False, False
+
+        def on_timeout(self):
+            self.fired = True
+
+    loop = Loop(lambda handler: None)
+    refs = []
+    for _ in range(5000):
+        conn = Conn()
+        loop.set_deadline(conn, 60)
+        conn.deadline = None  # closed long before its timeout
+        refs.append(weakref.ref(conn))
+        del conn
+    gc.collect()
+    alive = sum(ref() is not None for ref in refs)
+    assert len(loop.timers) < 1024 * 2 and alive < 1024 * 2, (len(loop.timers), alive)
+    kept = Conn()
+    loop.set_deadline(kept, 0.001)
+    wait_until = time.monotonic() + 5
+    while not kept.fired and time.monotonic() < wait_until:
+        loop.turn(0.05)
+    assert kept.fired  # a live timer still fires after compactions
