@@ -20,6 +20,7 @@ does not fork in a tight loop.
 
 from __future__ import annotations
 
+import enum
 import mmap
 import os
 import signal
@@ -34,6 +35,12 @@ RESPAWN_MIN_LIFE = 1.0  # a worker that dies younger than this is "dying at boot
 RESPAWN_MAX_DELAY = 5.0
 COMMAND_SIGNALS = {"quit": signal.SIGQUIT, "stop": signal.SIGTERM, "reopen": signal.SIGUSR1}
 
+
+
+class GenState(enum.Enum):
+    STARTING = "starting"  # workers booting; the previous generation still serves
+    SERVING = "serving"
+    RETIRING = "retiring"  # told to quit; gone once its last worker has exited
 
 class WorkerHandle:
     __slots__ = ("pid", "channel", "generation", "ready", "started", "fatal", "slot", "killed")
@@ -85,7 +92,7 @@ class Generation:
         self.compiled = compiled
         self.listeners = listeners
         self.workers: dict[int, WorkerHandle] = {}
-        self.state = "starting"  # starting -> serving -> retiring
+        self.state = GenState.STARTING
         self.kill_at = 0.0
         self.deaths: dict[int, tuple[int, float]] = {}  # slot -> (young deaths in a row, respawn at)
         self.failed = ""

@@ -45,7 +45,7 @@ from forkgw import tls
 from forkgw.conf.model import Config
 from forkgw.control import ControlSocket, answer
 from forkgw.errors import ConfError
-from forkgw.generation import Generation, WorkerHandle
+from forkgw.generation import Generation, GenState, WorkerHandle
 from forkgw.listeners import Listeners
 from forkgw.log import ErrorLog, eprint
 from forkgw.net.signals import SignalInbox
@@ -211,7 +211,7 @@ class Master:
             self.notify.ready(self.status_line())
             return
         for gen in self.generations:
-            if gen.state == "starting":
+            if gen.state == GenState.STARTING:
                 self.retire(gen)  # a newer reload supersedes one still starting
                 gen.settle("error superseded by a newer reload")
         self.open_log(config)
@@ -228,7 +228,7 @@ class Master:
         return gen
 
     def status_line(self) -> str:
-        serving = [g for g in self.generations if g.state == "serving"]
+        serving = [g for g in self.generations if g.state == GenState.SERVING]
         if not serving:
             return "no generation serving"
         return serving[-1].status()
@@ -266,7 +266,7 @@ class Master:
             return
         self.workers_stopped = True
         for gen in self.generations:
-            if gen.state != "retiring":
+            if gen.state != GenState.RETIRING:
                 self.retire(gen)
 
     def restart_workers(self) -> None:
@@ -364,7 +364,7 @@ class Master:
         except (KeyError, ValueError):
             pass
         handle.channel.close()
-        expected = gen.state == "retiring" or self.stopping
+        expected = gen.state == GenState.RETIRING or self.stopping
         self.log.write("notice" if expected and status == 0 else "alert",
                        f"worker process {handle.pid} {describe_exit(status)}")
         if expected:
@@ -377,13 +377,13 @@ class Master:
     def reconcile(self) -> int | None:
         now = time.monotonic()
         for gen in list(self.generations):
-            if gen.state == "starting":
+            if gen.state == GenState.STARTING:
                 self.check_starting(gen)
-            if gen.state in ("starting", "serving") and not self.stopping:
+            if gen.state in (GenState.STARTING, GenState.SERVING) and not self.stopping:
                 self.check_heartbeats(gen, now)
                 for slot in gen.slots_to_fill(now):
                     self.spawn(gen, slot)
-            if gen.state == "retiring":
+            if gen.state == GenState.RETIRING:
                 if not gen.workers:
                     self.generations.remove(gen)
                 elif gen.kill_at and now >= gen.kill_at:
@@ -412,7 +412,7 @@ class Master:
             handle.kill(signal.SIGCONT)
 
     def check_starting(self, gen: Generation) -> None:
-        serving = [g for g in self.generations if g.state == "serving"]
+        serving = [g for g in self.generations if g.state == GenState.SERVING]
         if gen.failed:
             fallback = "the old configuration keeps serving" if serving else "exiting"
             self.log.emerg(f"{gen.failed}; {fallback}")
@@ -425,11 +425,11 @@ class Master:
                 self.stop("fast")
             return
         if gen.workers and all(w.ready for w in gen.workers.values()) and not gen.missing_slots():
-            gen.state = "serving"
+            gen.state = GenState.SERVING
             self.serving_conf = (gen.config, gen.compiled, gen.listeners)
             for old in serving:
                 self.retire(old)
-            in_use = {key for g in self.generations if g.state != "retiring" for key in g.listeners}
+            in_use = {key for g in self.generations if g.state != GenState.RETIRING for key in g.listeners}
             self.listeners.close_unused(in_use)
             took = time.monotonic() - gen.started
             status = gen.status()
@@ -438,7 +438,7 @@ class Master:
             self.notify.ready(status)
 
     def retire(self, gen: Generation, kill: bool = False) -> None:
-        gen.state = "retiring"
+        gen.state = GenState.RETIRING
         gen.kill_at = time.monotonic() + (KILL_GRACE if kill else gen.config.worker_shutdown_timeout)
         for handle in gen.workers.values():
             handle.tell("stop" if kill else "quit")

@@ -35,8 +35,9 @@ VERIFY = {"on": ssl.CERT_OPTIONAL, "optional": ssl.CERT_OPTIONAL, "off": ssl.CER
 
 def build(config: Config) -> None:
     """Every context the conf asks for, or ConfError: each server on a TLS address
-    (Server.ssl_context), each `proxy_pass https://` (ProxyPass.tls), and the one filters'
-    callouts to https targets use (Http.callout_tls, from the http level's proxy_ssl_*)."""
+    (Server.ssl_context) and each `proxy_pass https://` (ProxyPass.tls).  The context of
+    filters' callouts to https targets is made by the worker on first use (callout_context):
+    made here, it would parse the system's CA bundle at every load, used or not."""
     if config.http is None:
         return
     clients: dict[tuple, ssl.SSLContext] = {}  # locations with the same proxy_ssl_* share one
@@ -52,8 +53,6 @@ def build(config: Config) -> None:
                 split = split_host_port(proxy.upstream)
                 name = s.proxy_ssl_name or (split[0] if split else proxy.upstream)
                 proxy.tls = (context, name if s.proxy_ssl_verify or s.proxy_ssl_server_name else None)
-    if config.http.settings is not None:
-        config.http.callout_tls = client_context(config.http.settings, clients, "")
 
 
 def walk(locations):

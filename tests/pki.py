@@ -28,14 +28,14 @@ def _name(common_name: str) -> x509.Name:
 
 
 class Pki:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, ca_name: str = "forkgw test CA"):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.ca_key = _key("ec")
         now = datetime.datetime.now(datetime.timezone.utc)
         self.ca_cert = (
             x509.CertificateBuilder()
-            .subject_name(_name("forkgw test CA")).issuer_name(_name("forkgw test CA"))
+            .subject_name(_name(ca_name)).issuer_name(_name(ca_name))
             .public_key(self.ca_key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30))

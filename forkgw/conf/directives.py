@@ -318,12 +318,12 @@ DIRECTIVES: tuple[Directive, ...] = (
        "ssl_verify_client on;"),
     _d("ssl_client_certificate", (HTTP, SERVER), (1, 1), v.tls_file_value, SET, "ssl_client_certificate",
        "file", None,
-       "PEM certificates of the CAs that client certificates are verified against (and whose "
-       "names are sent to the client).",
+       "PEM certificates of the CAs that client certificates are verified against. (Python's ssl "
+       "module sends the client no list of CA names, so this and `ssl_trusted_certificate` act alike.)",
        "ssl_client_certificate certs/clients-ca.pem;"),
     _d("ssl_trusted_certificate", (HTTP, SERVER), (1, 1), v.tls_file_value, SET, "ssl_trusted_certificate",
        "file", None,
-       "More CA certificates to verify client certificates against, whose names are not sent.",
+       "More CA certificates to verify client certificates against.",
        "ssl_trusted_certificate certs/intermediate.pem;"),
     _d("ssl_verify_depth", (HTTP, SERVER), (1, 1), v.positive_value, SET, "ssl_verify_depth",
        "number", "1",

@@ -155,7 +155,6 @@ class Http:
     upstreams: dict[str, Upstream]
     log_formats: dict[str, str]  # name -> format string; "combined" always present
     settings: Settings | None = None  # the http level's own (what callouts to https targets use)
-    callout_tls: object = None  # the ssl.SSLContext of callouts to https targets, built by forkgw.tls
     wasm_vm: str = "wasmtime"
 
 

@@ -129,13 +129,13 @@ def dispatch(server, target: str, headers: list[tuple[bytes, bytes]], body: byte
     """Start a callout; False when the target is unknown (the filter gets BadArgument).
 
     A target written `https://NAME` speaks TLS, verified with the http level's proxy_ssl_*
-    settings (Http.callout_tls), the name being NAME's host.
+    settings (HttpServer.callout_context), the name being NAME's host.
     """
     tls = None
     if target.startswith("https://"):
         target = target[len("https://"):]
         host = target.rpartition(":")[0] if target.count(":") == 1 else target
-        tls = (server.http.callout_tls, host.strip("[]") or target)
+        tls = (server.callout_context(), host.strip("[]") or target)
     upstream = callout_upstream(server, target)
     if upstream is None or tls is not None and tls[0] is None:
         return False

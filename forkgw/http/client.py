@@ -29,7 +29,7 @@ from forkgw.http import head
 from forkgw.http.messages import TEXT_HTML, error_page
 from forkgw.http.proxy import HIGH_WATER
 from forkgw.http.request import RequestState
-from forkgw.http.response import Response
+from forkgw.http.response import GONE, Response
 from forkgw.net.connection import EVENT_READ, EVENT_WRITE, Connection
 from forkgw.wasm.filter import LocalReply
 
@@ -464,4 +464,5 @@ class ClientConnection(Connection):
             return
         super().close()
         self.stream_done()
+        self.response.conn = GONE
         self.server.connection_closed(self)

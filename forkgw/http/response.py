@@ -31,6 +31,25 @@ NO_BODY_STATUSES = frozenset({204, 304})
 FRAMING = (b"content-length", b"transfer-encoding")
 
 
+class Gone:
+    """What a Response's connection becomes once it closed, so the two do not hold each other
+    (a cycle only the garbage collector frees, which lets closed connections pile up): a
+    Response for a closed connection answers nothing."""
+
+    closed = True
+    stream = None
+    proxy = None
+
+    def abort(self) -> None:
+        pass
+
+    def drop_proxy(self) -> None:
+        pass
+
+
+GONE = Gone()
+
+
 class Response:
     __slots__ = ("conn", "head_sent", "status", "body_filter", "held", "is_head")
 

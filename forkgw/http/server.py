@@ -6,8 +6,12 @@ this object, for policy: which server and location (the Router), what a
 block of settings compiled to (its LocationPlan), the upstreams' balancers
 and pools, a request id, the Date, the filter chain for a request, and
 whether the worker is draining.  It also keeps the set of open client
-connections, so the loop can count them, drain them and close them without
-knowing what they speak.
+connections (TLS handshakes in progress included), so the loop can count
+them, drain them and close them without knowing what they speak.
+
+On a TLS listener an accepted socket first goes through a TlsHandshake
+(net.tls); its transport then serves HTTP like a plain socket, and plain
+HTTP sent to it is answered with nginx's 400.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import itertools
 import os
 import socket
 
+from forkgw import tls
 from forkgw.conf.model import Config, Settings
+from forkgw.errors import ConfError
 from forkgw.http import callout_transport
 from forkgw.http.balancer import Balancer
 from forkgw.http.client import ClientConnection
@@ -58,6 +64,7 @@ class HttpServer:
         self._constant_bodies: dict[str, bytes] = {}
         self._access_logs: dict[str, AccessLog] = {}
         self._defaults: dict = {}
+        self._callout_tls = None  # see callout_context
         # A TLS listener's handshake starts with its default server's context (SNI may switch it).
         self._tls_contexts = {listen.key: self.router.server_for(listen.key, None).ssl_context
                               for listen in config.listens() if listen.ssl}
@@ -71,6 +78,17 @@ class HttpServer:
 
     def set_runtime(self, runtime) -> None:
         self.runtime = runtime
+
+    def callout_context(self):
+        """The TLS context of filters' callouts to https targets (the http level's proxy_ssl_*),
+        made on first use; None (logged) when it cannot be."""
+        if self._callout_tls is None:
+            try:
+                self._callout_tls = tls.client_context(self.http.settings, {}, "")
+            except ConfError as err:
+                self.log.error(f"no TLS for callouts: {err}")
+                self._callout_tls = False
+        return self._callout_tls or None
 
     def call_out(self, target: str, headers, body: bytes, timeout: float, on_done) -> bool:
         """proxy_http_call on this loop: False when the target names no upstream."""

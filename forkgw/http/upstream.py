@@ -26,7 +26,7 @@ import h11
 from forkgw.http.balancer import Peer
 from forkgw.net.connection import EVENT_READ, EVENT_WRITE, Connection
 from forkgw.net.loop import Loop
-from forkgw.net.tls import TlsTransport
+from forkgw.net.tls import TlsTransport, handshake_step
 
 IDLE_TIMEOUT = 60.0  # idle keep-alive connection to an upstream (nginx's default)
 
@@ -94,11 +94,7 @@ class UpstreamConnection(Connection):
 
     def step_handshake(self) -> None:
         try:
-            self.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self.want(EVENT_READ)
-        except ssl.SSLWantWriteError:
-            self.want(EVENT_WRITE)
+            done = handshake_step(self)
         except ssl.SSLCertVerificationError as err:
             self.handler.upstream_failed(
                 self, f"upstream SSL certificate verify error: ({err.verify_code}:{err.verify_message}; "
@@ -107,9 +103,10 @@ class UpstreamConnection(Connection):
             reason = getattr(err, "reason", None) or err.strerror or str(err)
             self.handler.upstream_failed(self, f"SSL_do_handshake() failed ({reason})", None)
         else:
-            self.sock = TlsTransport(self.sock)
-            self.connected = True
-            self.handler.upstream_connected(self)
+            if done:
+                self.sock = TlsTransport(self.sock)
+                self.connected = True
+                self.handler.upstream_connected(self)
 
     @property
     def handshaking(self) -> bool:

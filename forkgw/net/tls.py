@@ -140,6 +140,20 @@ def rfc2253(subject) -> str:
     return ",".join(reversed(names))
 
 
+def handshake_step(conn: Connection) -> bool:
+    """One step of `conn`'s non-blocking handshake: True once done; False while OpenSSL waits
+    (the connection's interest set to what it waits for). A failure raises (SSLError, OSError)."""
+    try:
+        conn.sock.do_handshake()
+    except ssl.SSLWantReadError:
+        conn.want(EVENT_READ)
+        return False
+    except ssl.SSLWantWriteError:
+        conn.want(EVENT_WRITE)
+        return False
+    return True
+
+
 def sni_callback(ssl_sock: ssl.SSLSocket, name: str | None, context: ssl.SSLContext) -> None:
     """The client named a server: remember the name, and switch to that server's context."""
     ssl_sock.sni_name = name or ""
@@ -186,8 +200,9 @@ class TlsHandshake(Connection):
             return
         self.peeked = True
         if first[0] not in (TLS_HANDSHAKE_RECORD, SSLV2_HELLO):
+            on_plain = self.on_plain
             self.hand_over()
-            self.on_plain(self.sock)
+            on_plain(self.sock)
             return
         self.want(0)  # the SSLSocket below is registered anew under its own fd object
         try:
@@ -200,28 +215,36 @@ class TlsHandshake(Connection):
 
     def step(self) -> None:
         try:
-            self.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self.want(EVENT_READ)
-        except ssl.SSLWantWriteError:
-            self.want(EVENT_WRITE)
+            done = handshake_step(self)
         except ssl.SSLError as err:
             self.fail(f"SSL_do_handshake() failed ({err.reason or err.strerror or err}) while SSL handshaking")
         except OSError as err:
             self.fail(f"SSL_do_handshake() failed ({err.errno}: {err.strerror}) while SSL handshaking")
         else:
-            self.hand_over()
-            self.on_done(TlsTransport(self.sock))
+            if done:
+                on_done = self.on_done
+                self.hand_over()
+                on_done(TlsTransport(self.sock))
 
     def hand_over(self) -> None:
         """Leave the selector and the timers without closing: the socket has a new owner."""
         self.want(0)
         self.closed = True
         self.deadline = None
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the callbacks: they hold this handshake (through their closure), a cycle."""
+        self.choose_context = self.on_done = self.on_plain = self.on_failed = None
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.choose_context = None
 
     def on_timeout(self) -> None:
         self.fail("client timed out (110: Connection timed out) while SSL handshaking")
 
     def fail(self, reason: str = "unexpected error while SSL handshaking") -> None:
         self.close()
-        self.on_failed(reason)
+        on_failed, self.on_failed = self.on_failed, None
+        self.forget()
+        if on_failed is not None:
+            on_failed(reason)

@@ -417,3 +417,29 @@ def test_reloads_under_tls_load_fail_no_request(gateway, pki):
             t.join(10)
     assert not failures, failures[:3]
     assert set(answered) == {b"200"} and len(answered) > 80
+
+
+@pytest.mark.parametrize("prefer, expected", [("off", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+                                              ("on", "ECDHE-ECDSA-AES256-GCM-SHA384")])
+def test_ssl_prefer_server_ciphers(gateway, pki, prefer, expected):
+    start(gateway, pki, TLS.replace("http {", f"http {{\n    ssl_prefer_server_ciphers {prefer};"))
+    context = client_context(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
+    context.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384")
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="a.test") as tls:
+            assert tls.cipher()[0] == expected
+
+
+def test_ssl_trusted_certificate_verifies_without_being_advertised(gateway, pki, tmp_path):
+    other = Pki(tmp_path / "other-ca", "another test CA")
+    cert = other.issue("client three", sans=[], client=True)
+    body = TLS.replace('location / { return 200 "a $scheme',
+                       "ssl_verify_client optional;\n        ssl_client_certificate {certs}/ca.pem;\n"
+                       f"        ssl_trusted_certificate {other.ca};\n"
+                       '        location /who { return 200 "$ssl_client_verify|$ssl_client_s_dn"; }\n'
+                       '        location / { return 200 "a $scheme')
+    start(gateway, pki, body)
+    status, _, page, _ = https(gateway, pki, path="/who", cert=cert)
+    assert (status, page) == (200, b"SUCCESS|CN=client three,O=forkgw tests")
+    status, _, page, _ = https(gateway, pki, path="/who")
+    assert (status, page) == (200, b"NONE|")  # optional: no certificate is no error

@@ -208,3 +208,11 @@ http {{
         assert gateway.request("GET", "/")[::2] == (200, b"welcome")
     finally:
         callee.close()
+
+
+def test_proxy_ssl_protocols(gateway, pki, tls_upstream):
+    gateway.start(conf(pki, tls_upstream.port, """
+        location / { proxy_pass https://tlsback; proxy_ssl_trusted_certificate {certs}/ca.pem;
+                     proxy_ssl_name up.test; proxy_ssl_protocols TLSv1.2; }"""))
+    status, _, seen = answer(gateway)
+    assert status == 200 and seen["version"] == "TLSv1.2"
