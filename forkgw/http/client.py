@@ -374,7 +374,11 @@ class ClientConnection(Connection):
 
     def on_timeout(self) -> None:
         if self.phase is PAUSED or self.response.held is not None:
-            self.filters_timed_out()
+            what = "request" if self.phase is PAUSED else "response"
+            self.server.log.error(f"filters did not resume the {what} in time, client: {self.remote_addr}")
+            self.keepalive = False
+            self.phase = WAIT
+            self.response.filters_timed_out()
         elif self.out:
             self.log_timeout("sending response to client")
             self.abort()
@@ -392,19 +396,6 @@ class ClientConnection(Connection):
     def log_timeout(self, doing: str) -> None:
         self.server.log.info(f"client timed out (110: Connection timed out) while {doing}, "
                              f"client: {self.remote_addr}")
-
-    def filters_timed_out(self) -> None:
-        what = "request" if self.phase is PAUSED else "response"
-        self.server.log.error(f"filters did not resume the {what} in time, client: {self.remote_addr}")
-        self.keepalive = False
-        self.phase = WAIT
-        self.response.held = None
-        if self.response.head_sent:
-            self.abort()
-            return
-        self.drop_proxy()
-        # Not through the response filters: the stream is still paused in one of its phases.
-        self.response.respond(504, [TEXT_HTML], error_page(504, self.settings.server_tokens), filters=False)
 
     def client_gone(self) -> None:
         """The client closed or reset: stop the upstream side, finish the filters, log 499."""

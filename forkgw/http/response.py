@@ -88,6 +88,17 @@ class Response:
         conn.proxy = None
         self.respond(status, [TEXT_HTML], error_page(status, conn.settings.server_tokens))
 
+    def filters_timed_out(self) -> None:
+        """A paused filter never resumed: 504 if nothing was sent yet, else a cut connection."""
+        conn = self.conn
+        self.held = None
+        if self.head_sent:
+            conn.abort()
+            return
+        conn.drop_proxy()
+        # Not through the response filters: the stream is still paused in one of its phases.
+        self.respond(504, [TEXT_HTML], error_page(504, conn.settings.server_tokens), filters=False)
+
     def local_reply(self, reply) -> None:
         """A filter's proxy_send_local_response: it replaces whatever was on its way."""
         self.conn.drop_proxy()
