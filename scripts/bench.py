@@ -116,6 +116,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def apt_install(packages: list[str], **run) -> None:
+    """apt-get install, as root or through sudo; update the lists first only if it fails."""
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    run.setdefault("env", dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    if subprocess.run(sudo + ["apt-get", "install", "-y", *packages], **run).returncode != 0:
+        subprocess.run(sudo + ["apt-get", "update"], check=True, **run)
+        subprocess.run(sudo + ["apt-get", "install", "-y", *packages], check=True, **run)
+
+
+def make_certificate(folder: Path, stem: str, subject: str) -> tuple[Path, Path]:
+    """A throwaway self-signed ECDSA P-256 certificate for localhost and 127.0.0.1: (cert, key)."""
+    cert, key = folder / f"{stem}.pem", folder / f"{stem}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-days", "2", "-subj", f"/CN={subject}",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return cert, key
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a server started in its own session: `sig` to the leader, then the group is killed."""
+    pgid = proc.pid
+    if proc.poll() is None:
+        try:
+            os.kill(pgid, sig)
+            proc.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    for _ in range(50):  # the leader is gone; its workers must follow
+        if not group_pids(pgid):
+            break
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.wait(5)
+
+
 def proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (index 0 = state)."""
     try:
@@ -215,25 +256,8 @@ class Server:
         return {pid: kb for pid in self.workers() if (kb := rss_kb(pid)) is not None}
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        pgid = self.proc.pid
-        if self.proc.poll() is None:
-            try:
-                os.kill(pgid, self.stop_signal)
-                self.proc.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        for _ in range(50):  # the leader is gone; its workers must follow
-            if not group_pids(pgid):
-                break
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        if self.proc is not None:
+            stop_group(self.proc, self.stop_signal)
 
 
 def get(port: int, path: str, timeout: float = 2.0, token: bool = True,
@@ -327,14 +351,7 @@ class Lab:
     def certificate(self) -> tuple[Path, Path]:
         """The throwaway ECDSA P-256 certificate every TLS server uses: (cert, key)."""
         if self.cert is None:
-            folder = self.dir("certs")
-            cert, key = folder / "bench.pem", folder / "bench.key"
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                            "-nodes", "-days", "2", "-subj", "/CN=localhost",
-                            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                            "-keyout", str(key), "-out", str(cert)],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            self.cert = cert, key
+            self.cert = make_certificate(self.dir("certs"), "bench", "localhost")
         return self.cert
 
     def dir(self, name: str) -> Path:
@@ -778,11 +795,7 @@ def ensure_tools(modes: list[Mode]) -> None:
     if any(m.tls for m in modes) and not shutil.which("openssl"):
         apt.append("openssl")
     if apt:
-        sudo = [] if os.geteuid() == 0 else ["sudo"]
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        if subprocess.run(sudo + ["apt-get", "install", "-y", *apt], env=env).returncode != 0:
-            subprocess.run(sudo + ["apt-get", "update"], env=env, check=True)
-            subprocess.run(sudo + ["apt-get", "install", "-y", *apt], env=env, check=True)
+        apt_install(apt)
     if any(m.server.startswith("gunicorn") for m in modes):
         try:
             import gunicorn  # noqa: F401

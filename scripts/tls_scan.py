@@ -25,13 +25,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import apt_install, free_port, get, make_certificate, stop_group  # scripts/ is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,55 +62,14 @@ WEAK = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_sslscan() -> str:
-    """sslscan's path; installed with apt-get if missing (update first only if the install fails)."""
-    found = shutil.which("sslscan")
-    if found:
-        return found
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    quiet = {"env": env, "stdout": sys.stderr}  # apt's chatter stays out of the summary
-    if subprocess.run(sudo + ["apt-get", "install", "-y", "sslscan"], **quiet).returncode != 0:
-        subprocess.run(sudo + ["apt-get", "update"], check=True, **quiet)
-        subprocess.run(sudo + ["apt-get", "install", "-y", "sslscan"], check=True, **quiet)
+    """sslscan's path; installed with apt-get if missing (apt's chatter kept out of the summary)."""
+    if not shutil.which("sslscan"):
+        apt_install(["sslscan"], stdout=sys.stderr)
     found = shutil.which("sslscan")
     if not found:
         raise RuntimeError("sslscan is not on PATH after apt-get install")
     return found
-
-
-def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed ECDSA P-256 certificate for 127.0.0.1, valid two days."""
-    cert, key = folder / "scan.pem", folder / "scan.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-days", "2", "-subj", "/CN=forkgw tls scan",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    key.chmod(0o600)
-    return cert, key
-
-
-def tls_get(port: int, timeout: float = 2.0) -> tuple[int, bytes]:
-    """One GET / over TLS (no verification: the certificate is ours): (status, body)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := tls.recv(65536):
-                data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body
 
 
 class Gateway:
@@ -136,7 +96,7 @@ class Gateway:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"forkgw exited with {self.proc.returncode}: {self.tail()}")
             try:
-                status, body = tls_get(self.port)
+                status, _, body = get(self.port, "/", token=False, tls=True)
                 if status == 200 and body == b"ok":
                     return
                 last = f"status {status}, body {body[:80]!r}"
@@ -152,21 +112,8 @@ class Gateway:
         return text.strip()[-1500:] or "(no output)"
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        pgid = self.proc.pid
-        if self.proc.poll() is None:
-            try:
-                os.kill(pgid, signal.SIGTERM)
-                self.proc.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:  # whatever is left of the group (workers), at once
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        if self.proc is not None:
+            stop_group(self.proc)
 
     def log_lines(self, levels: str) -> list[str]:
         path = self.prefix / "logs" / "error.log"
@@ -287,7 +234,8 @@ def main() -> int:
     port = free_port()
     gateway = Gateway(prefix, port)
     try:
-        cert, key = make_certificate(prefix / "certs")
+        cert, key = make_certificate(prefix / "certs", "scan", "forkgw tls scan")
+        key.chmod(0o600)
         (prefix / "conf" / "gateway.conf").write_text(CONF.format(port=port, cert=cert, key=key))
         gateway.start()
         gateway.wait_ready()

@@ -17,6 +17,7 @@ from forkgw.shm.handles import COUNTER, GAUGE, HISTOGRAM, Counter, Gauge, Histog
 from forkgw.shm.journal import Journal
 from forkgw.shm.layout import H_NCELLS, MAX_BUCKETS, U64, Geometry, Memory
 from forkgw.shm.metrics import ENVOY_BUCKETS, Metrics
+from shm_parts import made_fixture
 
 SLOTS = 4
 
@@ -28,6 +29,10 @@ class Parts:
         self.j = Journal(self.mem, self.g)
         self.metrics = Metrics(self.mem, self.j, self.g)
 
+    def close(self) -> None:
+        self.metrics.clear()
+        self.mem.close()
+
     def cells(self, handle, cell: int = 0) -> list[int]:
         """The per-slot values of one of the handle's cells."""
         d = self.metrics.read_def(handle.id)
@@ -35,18 +40,7 @@ class Parts:
         return self.mem.Q[at:at + SLOTS].tolist()
 
 
-@pytest.fixture
-def made():
-    out = []
-
-    def make(**kw) -> Parts:
-        out.append(Parts(**kw))
-        return out[-1]
-
-    yield make
-    for p in out:
-        p.metrics.clear()
-        p.mem.close()
+made = made_fixture(Parts)
 
 
 def test_definitions_are_one_per_name_with_consecutive_cells(made):

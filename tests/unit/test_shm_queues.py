@@ -20,6 +20,7 @@ from forkgw.shm.errors import Empty, NotFound, StoreFull, TooLarge
 from forkgw.shm.journal import Journal
 from forkgw.shm.layout import Geometry, Memory
 from forkgw.shm.queues import Queues
+from shm_parts import made_fixture
 
 
 def key(ns, name: bytes) -> bytes:
@@ -34,6 +35,10 @@ class Parts:
         self.arena = Allocator(self.mem, self.j, self.g)
         self.arena.format()
         self.queues = Queues(self.mem, self.j, self.arena, self.g, key, self.mem.token)
+
+    def close(self) -> None:
+        self.queues.unbind()
+        self.mem.close()
 
     def check(self) -> None:
         self.j.acquire()
@@ -52,18 +57,7 @@ class Parts:
                 return out
 
 
-@pytest.fixture
-def made():
-    out = []
-
-    def make(**kw) -> Parts:
-        out.append(Parts(**kw))
-        return out[-1]
-
-    yield make
-    for p in out:
-        p.queues.unbind()
-        p.mem.close()
+made = made_fixture(Parts)
 
 
 def readable(sock: socket.socket, timeout: float) -> bool:

@@ -18,6 +18,7 @@ from forkgw.shm.errors import StoreFull, TooLarge
 from forkgw.shm.journal import Journal
 from forkgw.shm.layout import E_BLOCK, E_FLAGS, F_REF, F_USED, H_CAS, H_JLEN, U32, Geometry, Memory
 from forkgw.shm.table import Table
+from shm_parts import made_fixture
 
 
 class Parts:
@@ -30,6 +31,9 @@ class Parts:
         self.arena.reclaim = self.table.evict
         self.arena.format()
         self.table.format()
+
+    def close(self) -> None:
+        self.mem.close()
 
     def entry(self, i: int) -> int:
         return self.table.ew + (i << 3) - 8
@@ -49,17 +53,7 @@ class Parts:
         return self.table.lookup(ck, zlib.crc32(ck))
 
 
-@pytest.fixture
-def made():
-    out = []
-
-    def make(**kw) -> Parts:
-        out.append(Parts(**kw))
-        return out[-1]
-
-    yield make
-    for p in out:
-        p.mem.close()
+made = made_fixture(Parts)
 
 
 def test_keys_carry_their_namespace(made):
@@ -198,7 +192,7 @@ def test_killed_at_any_write_of_a_set_the_table_is_consistent(made, grow):
         before = {b"k%d" % n: p.table.get("f", b"k%d" % n) for n in range(16)}
 
         def child():
-            w, wm, commit = p.j.w, p.j.wm, p.j.commit
+            w, commit = p.j.w, p.j.commit
             left = [point]
 
             def tick():
