@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ssl
 
-from forkgw.conf.model import Config, Server, Settings
+from forkgw.conf.model import Config, Server, Settings, walk_locations
 from forkgw.conf.values import split_host_port
 from forkgw.errors import ConfError
 from forkgw.net.tls import rfc2253, sni_callback
@@ -45,7 +45,7 @@ def build(config: Config) -> None:
         tls_listens = [listen for listen in server.listens if listen.ssl]
         if tls_listens:
             server.ssl_context = server_context(server, tls_listens[0].where)
-        for location in walk(server.locations):
+        for location in walk_locations(server.locations):
             proxy = location.proxy_pass
             if proxy is not None and proxy.scheme == "https":
                 s = location.settings
@@ -53,12 +53,6 @@ def build(config: Config) -> None:
                 split = split_host_port(proxy.upstream)
                 name = s.proxy_ssl_name or (split[0] if split else proxy.upstream)
                 proxy.tls = (context, name if s.proxy_ssl_verify or s.proxy_ssl_server_name else None)
-
-
-def walk(locations):
-    for location in locations:
-        yield location
-        yield from walk(location.locations)
 
 
 def client_context(s: Settings, cache: dict, where: str) -> ssl.SSLContext:
@@ -106,10 +100,13 @@ def server_context(server: Server, listen_where: str) -> ssl.SSLContext:
     s = server.settings
     if not s.ssl_certificate:
         raise ConfError('no "ssl_certificate" is defined for the listen ... ssl directive', listen_where)
-    if len(s.ssl_certificate_key) != len(s.ssl_certificate):
-        path, where = s.ssl_certificate[len(s.ssl_certificate_key)] if \
-            len(s.ssl_certificate_key) < len(s.ssl_certificate) else s.ssl_certificate_key[-1]
+    keys, certs = len(s.ssl_certificate_key), len(s.ssl_certificate)
+    if keys < certs:
+        path, where = s.ssl_certificate[keys]
         raise ConfError(f'no "ssl_certificate_key" is defined for certificate "{path}"', where)
+    if keys > certs:
+        path, where = s.ssl_certificate_key[certs]
+        raise ConfError(f'no "ssl_certificate" is defined for key "{path}"', where)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     set_protocols(context, s)
     try:

@@ -38,7 +38,7 @@ from struct import pack_into
 
 from setproctitle import setproctitle
 
-from forkgw.conf.model import Config
+from forkgw.conf.model import Config, walk_locations
 from forkgw.http.server import HttpServer
 from forkgw.log import ErrorLog
 from forkgw.net.loop import Loop
@@ -142,10 +142,9 @@ class Worker:
             return
         from forkgw.wasm import Runtime, WasmBootError
 
-        kwargs = {"shared": self.shared} if self.shared is not None else {}
         # A stream resumed, or a tick period set, inside a request: tick on this loop turn.
-        self.runtime = Runtime(self.config.wasm, self.compiled, self.log, http_dispatcher=self.server.call_out,
-                               wakeup=self.wake_filters, **kwargs)
+        self.runtime = Runtime(self.config.wasm, self.compiled, self.log, shared=self.shared,
+                               http_dispatcher=self.server.call_out, wakeup=self.wake_filters)
         self.server.set_runtime(self.runtime)
         try:
             self.runtime.start(filters)
@@ -345,15 +344,10 @@ def is_listening(sock: socket.socket) -> bool:
 
 def all_settings(config: Config):
     """Every Settings of the conf: each server's and each location's, nested ones too."""
-
-    def walk(locations):
-        for location in locations:
-            yield location.settings
-            yield from walk(location.locations)
-
     for server in config.http.servers if config.http else []:
         yield server.settings
-        yield from walk(server.locations)
+        for location in walk_locations(server.locations):
+            yield location.settings
 
 
 def all_filters(config: Config) -> list:

@@ -137,6 +137,13 @@ class Location:
     regex: re.Pattern[str] | None = None  # `pattern` compiled, for "~" and "~*"; None otherwise
 
 
+def walk_locations(locations: list[Location]):
+    """Each location and the ones nested in it, depth first, in conf order."""
+    for location in locations:
+        yield location
+        yield from walk_locations(location.locations)
+
+
 @dataclass
 class Server:
     listens: list[Listen]

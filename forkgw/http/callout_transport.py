@@ -18,6 +18,7 @@ from typing import Callable
 import h11
 
 from forkgw.conf.model import Settings, Upstream, UpstreamServer
+from forkgw.conf.values import split_host_port
 from forkgw.http.messages import split_pseudo
 from forkgw.http.proxy import ProxyRequest
 
@@ -134,8 +135,8 @@ def dispatch(server, target: str, headers: list[tuple[bytes, bytes]], body: byte
     tls = None
     if target.startswith("https://"):
         target = target[len("https://"):]
-        host = target.rpartition(":")[0] if target.count(":") == 1 else target
-        tls = (server.callout_context(), host.strip("[]") or target)
+        split = split_host_port(target)
+        tls = (server.callout_context(), split[0] if split and split[0] else target)
     upstream = callout_upstream(server, target)
     if upstream is None or tls is not None and tls[0] is None:
         return False

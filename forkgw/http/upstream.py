@@ -64,7 +64,7 @@ class UpstreamConnection(Connection):
             self.close()  # idle in a pool: the peer closed it (or sent junk)
             return
         if not self.connected:
-            if type(self.sock) is ssl.SSLSocket:
+            if self.handshaking:
                 self.step_handshake()
             elif mask & EVENT_WRITE:
                 err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
